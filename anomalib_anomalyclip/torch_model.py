@@ -1,0 +1,195 @@
+"""PyTorch model of AnomalyCLIP: normalised images in, image scores and anomaly maps out.
+
+The pieces live in their own modules: CLIP loading (:mod:`.backbone`), the dual-path
+visual forward (:mod:`.dpam`), the learnable prompts and text encoder (:mod:`.prompts`)
+and the scores and maps (:mod:`.scoring`). This module composes them.
+
+Example:
+    >>> import torch
+    >>> from anomalib_anomalyclip.torch_model import AnomalyCLIPModel
+    >>> model = AnomalyCLIPModel(pretrained="/models/ViT-L-14-336px.pt",
+    ...                          prompt_weights="/models/anomalyclip_visa.pth")  # doctest: +SKIP
+    >>> batch = model.eval()(torch.randn(2, 3, 518, 518))  # doctest: +SKIP
+    >>> batch.pred_score.shape, batch.anomaly_map.shape  # doctest: +SKIP
+    (torch.Size([2]), torch.Size([2, 1, 518, 518]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from .backbone import load_clip
+from .dpam import DpamKind, DualPathVisualEncoder
+from .prompts import AGNOSTIC_OBJECT, PromptConfig, PromptLearner, PromptTextEncoder, PromptType
+from .scoring import GaussianSmoothing, image_scores, patch_probability_maps, similarity_logits, summed_anomaly_map
+
+
+class TrainingOutput(NamedTuple):
+    """What the loss needs from one training forward.
+
+    Attributes:
+        image_logits: (B, 2) cosine similarities / temperature of the global embedding.
+        layer_probabilities: per feature layer, (B, 2, H, W) up-sampled probabilities.
+    """
+
+    image_logits: torch.Tensor
+    layer_probabilities: list[torch.Tensor]
+
+
+class AnomalyCLIPModel(nn.Module):
+    """AnomalyCLIP on a frozen open_clip CLIP.
+
+    Args:
+        backbone: open_clip model name.
+        pretrained: open_clip tag (``"openai"``), a local CLIP checkpoint file, or ``None``
+            for random weights (tests and timing only).
+        image_size: side of the square input the model is used at (518 in the paper).
+        prompt_weights: prompt checkpoint to load (ours or the reference's released
+            format), or ``None`` to start from untrained prompts.
+        dpam_kind: ``vv`` (default), ``qq``, ``kk`` or ``none``.
+        dpam_start_layer: first visual block (1-indexed) with the DPAM path.
+        feature_layers: visual blocks whose patch tokens make the maps; ``None`` means
+            the last block (the released code); ``(6, 12, 18, 24)`` is the paper's text.
+        n_ctx: learnable context vectors per prompt.
+        text_token_depth: learnable text-encoder tokens go into text blocks 2..depth.
+        text_token_length: number of learnable tokens per text block.
+        text_tokens: whether the text-encoder tokens are used.
+        prompt_type: ``object_agnostic`` (the method) or ``object_aware`` (ablation).
+        class_name: object name used by object-aware prompts at inference.
+        smoothing_sigma: Gaussian sigma of the map smoothing in pixels (0: none).
+        cache_dir: open_clip download cache.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "ViT-L-14-336",
+        pretrained: str | Path | None = "openai",
+        image_size: int = 518,
+        prompt_weights: str | Path | None = None,
+        dpam_kind: DpamKind | str = DpamKind.VV,
+        dpam_start_layer: int = 6,
+        feature_layers: Sequence[int] | None = None,
+        n_ctx: int = 12,
+        text_token_depth: int = 9,
+        text_token_length: int = 4,
+        text_tokens: bool = True,
+        prompt_type: PromptType | str = PromptType.OBJECT_AGNOSTIC,
+        class_name: str = AGNOSTIC_OBJECT,
+        smoothing_sigma: float = 4.0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        clip = load_clip(backbone, pretrained, cache_dir=cache_dir)
+        self.image_size = image_size
+        self.class_name = class_name
+        self.visual_encoder = DualPathVisualEncoder(clip.visual, dpam_kind, dpam_start_layer, feature_layers)
+        config = PromptConfig(
+            width=clip.ln_final.weight.shape[0],
+            n_ctx=n_ctx,
+            text_token_depth=text_token_depth,
+            text_token_length=text_token_length,
+            text_tokens=text_tokens,
+            prompt_type=PromptType(prompt_type),
+        )
+        self.prompt_learner = PromptLearner(config)
+        self.text_encoder = PromptTextEncoder(clip, config)
+        self.smoothing = GaussianSmoothing(smoothing_sigma)
+        self.register_buffer("text_features", torch.zeros(1, 2, clip.text_projection.shape[1]), persistent=False)
+        self._text_features_key: tuple | None = None
+        if prompt_weights is not None:
+            self.prompt_learner.load_checkpoint(prompt_weights)
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """Visual blocks (1-indexed) whose patch tokens make the anomaly map."""
+        return self.visual_encoder.feature_layers
+
+    def encode_text(self, class_names: Sequence[str] | None = None) -> torch.Tensor:
+        """Normalised text features (C, 2, D) of the current prompts, with gradients.
+
+        Args:
+            class_names: one pair of features per name; ``None`` uses ``class_name``.
+        """
+        return self.text_encoder(self.prompt_learner, class_names or (self.class_name,))
+
+    def inference_text_features(self) -> torch.Tensor:
+        """Text features for inference, recomputed only when the prompts changed.
+
+        The result is kept in the ``text_features`` buffer, so that an exported graph
+        holds the two text embeddings as constants and no text encoder.
+        """
+        if torch.compiler.is_compiling():
+            return self.text_features
+        key = (self.class_name, *(parameter._version for parameter in self.prompt_learner.parameters()))
+        key = (*key, *(id(parameter) for parameter in self.prompt_learner.parameters()))
+        if key != self._text_features_key:
+            with torch.no_grad():
+                self.text_features = self.encode_text().detach()
+            self._text_features_key = key
+        return self.text_features
+
+    def forward(
+        self, images: torch.Tensor, class_names: Sequence[str] | None = None
+    ) -> InferenceBatch | TrainingOutput:
+        """Score a batch of CLIP-normalised images (B, 3, H, W).
+
+        Args:
+            images: the batch.
+            class_names: per-image object names for object-aware prompts (training);
+                ignored by object-agnostic prompts.
+
+        Returns:
+            In training mode the :class:`TrainingOutput` for the loss; in eval mode an
+            ``InferenceBatch`` with ``pred_score`` (B,) and ``anomaly_map`` (B, 1, H, W).
+        """
+        if self.training:
+            return self.training_outputs(images, class_names)
+        global_embedding, patch_tokens = self.visual_encoder(images)
+        text_features = self.inference_text_features()
+        size = images.shape[-2:]
+        grid = self.visual_encoder.grid_size(size)
+        anomaly_map = self.smoothing(summed_anomaly_map(patch_tokens, text_features, grid, size))
+        return InferenceBatch(pred_score=image_scores(global_embedding, text_features), anomaly_map=anomaly_map)
+
+    def training_outputs(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> TrainingOutput:
+        """Image logits and per-layer probability maps, differentiable w.r.t. the prompts."""
+        with torch.no_grad():
+            global_embedding, patch_tokens = self.visual_encoder(images)
+        return self.outputs_from_features(global_embedding, patch_tokens, images.shape[-2:], class_names)
+
+    def outputs_from_features(
+        self,
+        global_embedding: torch.Tensor,
+        patch_tokens: Sequence[torch.Tensor],
+        size: Sequence[int],
+        class_names: Sequence[str] | None = None,
+    ) -> TrainingOutput:
+        """Training outputs from already computed visual features (e.g. a feature cache).
+
+        Args:
+            global_embedding: (B, D) global embeddings.
+            patch_tokens: per feature layer, (B, N, D) patch tokens.
+            size: (H, W) of the images the features come from.
+            class_names: per-image names for object-aware prompts.
+        """
+        text_features = self._training_text_features(class_names, global_embedding.shape[0])
+        size = (int(size[0]), int(size[1]))
+        grid = self.visual_encoder.grid_size(size)
+        logits = similarity_logits(global_embedding.unsqueeze(1), text_features)[:, 0]
+        maps = [patch_probability_maps(tokens, text_features, grid, size) for tokens in patch_tokens]
+        return TrainingOutput(image_logits=logits, layer_probabilities=maps)
+
+    def _training_text_features(self, class_names: Sequence[str] | None, batch_size: int) -> torch.Tensor:
+        if self.prompt_learner.config.prompt_type is PromptType.OBJECT_AGNOSTIC or not class_names:
+            return self.encode_text()
+        unique = sorted(set(class_names))
+        features = self.encode_text(unique)
+        if len(class_names) != batch_size:
+            raise ValueError(f"Got {len(class_names)} class names for a batch of {batch_size} images.")
+        return features[[unique.index(name) for name in class_names]]
