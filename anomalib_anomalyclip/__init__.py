@@ -1,0 +1,93 @@
+"""AnomalyCLIP for anomalib.
+
+AnomalyCLIP (Zhou et al., ICLR 2024) performs zero-shot anomaly detection by learning
+object-agnostic text prompts on top of a frozen CLIP model.
+
+Importing this package is cheap: heavy dependencies (torch, open_clip, anomalib) are only
+imported when a public name such as :class:`AnomalyCLIPModel` is first accessed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = ["AnomalyCLIP", "AnomalyCLIPModel", "register"]
+
+# Public name -> module that defines it, resolved lazily by ``__getattr__``.
+_LAZY_ATTRIBUTES: dict[str, str] = {
+    "AnomalyCLIP": "anomalib_anomalyclip.lightning_model",
+    "AnomalyCLIPModel": "anomalib_anomalyclip.torch_model",
+}
+
+if TYPE_CHECKING:
+    from anomalib_anomalyclip.lightning_model import AnomalyCLIP
+    from anomalib_anomalyclip.torch_model import AnomalyCLIPModel
+
+
+def register() -> None:
+    """Make ``AnomalyCLIP`` known to anomalib by its short name.
+
+    Imports the Lightning model (so that it is a subclass of ``AnomalibModule`` that the
+    CLI and ``anomalib.models.get_model`` can find) and exposes it as
+    ``anomalib.models.AnomalyCLIP``. Called automatically by the import hook that the
+    package installs; calling it again does nothing.
+    """
+    module = sys.modules.get("anomalib_anomalyclip.lightning_model")
+    if module is not None and not hasattr(module, "AnomalyCLIP"):
+        return  # being imported right now: it exposes itself when it is complete
+    from anomalib_anomalyclip.lightning_model import AnomalyCLIP
+
+    expose_in_anomalib(AnomalyCLIP)
+
+
+def expose_in_anomalib(model_class: type) -> None:
+    """Set ``anomalib.models.<name>`` so that anomalib's name look-ups accept the class."""
+    # Through sys.modules: when called from the import hook, ``anomalib.models`` has run
+    # but is not yet bound as an attribute of ``anomalib``.
+    models = sys.modules.get("anomalib.models") or importlib.import_module("anomalib.models")
+    setattr(models, model_class.__name__, model_class)
+
+
+def __getattr__(name: str) -> Any:
+    """Import public names on first access.
+
+    Args:
+        name: Attribute requested from the package.
+
+    Returns:
+        The requested object.
+
+    Raises:
+        AttributeError: If ``name`` is not a public name of this package.
+    """
+    module_name = _LAZY_ATTRIBUTES.get(name)
+    if module_name is None:
+        msg = f"module {__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def _register_now_or_later() -> None:
+    """Register at once if anomalib's models are loaded, else when they are (see ``anomalib_anomalyclip_hook``)."""
+    if "anomalib.models" in sys.modules:
+        register()
+        return
+    try:
+        import anomalib_anomalyclip_hook
+    except ImportError:  # running from a source tree that was never installed
+        return
+    anomalib_anomalyclip_hook.install()
+
+
+def __dir__() -> list[str]:
+    """List module attributes, including the lazily imported public names."""
+    return sorted(set(globals()) | set(__all__))
+
+
+_register_now_or_later()

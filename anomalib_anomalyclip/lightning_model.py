@@ -1,0 +1,367 @@
+"""AnomalyCLIP as an anomalib model: ``anomalib train|fit|test|predict --model AnomalyCLIP``.
+
+Two ways to use it:
+
+* **Zero-shot** (the usual case): give prompts with ``prompt_weights`` (a file, an
+  http(s) URL, or the short name of a released checkpoint such as
+  ``anomalyclip-mvtec``). The model is then a zero-shot model for anomalib's Engine:
+  ``train``/``fit`` only collect normalisation statistics and thresholds, ``test`` and
+  ``predict`` score the target data.
+* **Prompt training** (the paper's protocol): without ``prompt_weights`` the prompts
+  are learned by ``fit`` on labelled normal and anomalous images, e.g.
+  :class:`anomalib_anomalyclip.data.AuxiliaryDataModule` over every category of MVTec
+  AD's test split. Only the prompts are trained and stored in the checkpoint; the CLIP
+  weights stay frozen and are loaded from ``pretrained``.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from anomalib.data import Visa
+    >>> from anomalib_anomalyclip import AnomalyCLIP
+    >>> model = AnomalyCLIP(prompt_weights="anomalyclip-mvtec")  # doctest: +SKIP
+    >>> Engine().test(model, datamodule=Visa(category="candle"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Max
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
+
+from . import expose_in_anomalib
+from .dpam import DpamKind
+from .loss import GlocalLoss, LossVariant
+from .prompts import AGNOSTIC_OBJECT, PromptCheckpointError, PromptType
+from .torch_model import AnomalyCLIPModel
+from .weights import resolve_prompt_weights
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AnomalyCLIP", "PromptsUnavailableError"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PROMPT_PREFIX = "model.prompt_learner."
+CHECKPOINT_INFO_KEY = "anomalyclip"
+
+
+class PromptsUnavailableError(RuntimeError):
+    """The model would score images with prompts that were never trained or loaded."""
+
+
+class AnomalyCLIP(AnomalibModule):
+    """AnomalyCLIP: object-agnostic prompt learning for zero-shot anomaly detection.
+
+    Args:
+        backbone: open_clip model name of the frozen CLIP.
+        pretrained: open_clip tag (``"openai"``) or a local CLIP checkpoint file.
+        image_size: side of the square input (images are resized to it, bicubic).
+        prompt_weights: prompts for zero-shot use: a file (ours or the reference's
+            released ``epoch_15.pth``), an http(s) URL, or a released short name
+            (``anomalyclip-mvtec``: trained on MVTec AD; ``anomalyclip-visa``: trained on
+            VisA). ``None``: the prompts start untrained and are learned by ``fit``.
+        train_prompts: learn the prompts in ``fit``. ``None`` means: learn them when no
+            ``prompt_weights`` are given. ``True`` with ``prompt_weights`` fine-tunes.
+        dpam_kind: ``vv`` (default), ``qq``, ``kk`` or ``none`` (no DPAM, an ablation).
+        dpam_start_layer: first visual block (1-indexed) with the DPAM path.
+        feature_layers: visual blocks whose patch tokens make the maps; ``None``: the
+            last block, as in the released code. ``[6, 12, 18, 24]``: the paper's text.
+        n_ctx: learnable context vectors per prompt.
+        text_token_depth: learnable text-encoder tokens go into text blocks 2..depth.
+        text_token_length: learnable tokens per text block.
+        text_tokens: use the text-encoder tokens (an ablation switches them off).
+        prompt_type: ``object_agnostic`` (the method) or ``object_aware`` (ablation).
+        class_name: object name for object-aware prompts; ``None`` takes the
+            datamodule's category.
+        smoothing_sigma: Gaussian smoothing of the map in pixels (0: off).
+        lr: Adam learning rate of the prompts.
+        betas: Adam betas.
+        loss: ``glocal`` (default), ``global`` (image loss only) or ``local`` (maps only).
+        local_loss_weight: weight of the focal + dice map losses.
+        epochs: training epochs of the prompts (sets the trainer's ``max_epochs``).
+        cache_dir: open_clip's download cache for ``pretrained`` tags.
+        pre_processor: anomalib pre-processor, or ``True`` for resize + CLIP normalisation.
+        post_processor: anomalib post-processor, or ``True`` for the default.
+        evaluator: anomalib evaluator, or ``True`` for image AUROC/AP/F1-max and pixel
+            AUROC/AUPRO/F1-max.
+        visualizer: anomalib visualizer, or ``True`` for the default.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "ViT-L-14-336",
+        pretrained: str | None = "openai",
+        image_size: int = 518,
+        prompt_weights: str | None = None,
+        train_prompts: bool | None = None,
+        dpam_kind: str = DpamKind.VV.value,
+        dpam_start_layer: int = 6,
+        feature_layers: Sequence[int] | None = None,
+        n_ctx: int = 12,
+        text_token_depth: int = 9,
+        text_token_length: int = 4,
+        text_tokens: bool = True,
+        prompt_type: str = PromptType.OBJECT_AGNOSTIC.value,
+        class_name: str | None = None,
+        smoothing_sigma: float = 4.0,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.5, 0.999),
+        loss: str = LossVariant.GLOCAL.value,
+        local_loss_weight: float = 4.0,
+        epochs: int = 15,
+        cache_dir: str | None = None,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor((image_size, image_size))
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        weights_file = resolve_prompt_weights(prompt_weights)
+        self.model = AnomalyCLIPModel(
+            backbone=backbone,
+            pretrained=pretrained,
+            image_size=image_size,
+            prompt_weights=weights_file,
+            dpam_kind=dpam_kind,
+            dpam_start_layer=dpam_start_layer,
+            feature_layers=feature_layers,
+            n_ctx=n_ctx,
+            text_token_depth=text_token_depth,
+            text_token_length=text_token_length,
+            text_tokens=text_tokens,
+            prompt_type=prompt_type,
+            class_name=class_name or AGNOSTIC_OBJECT,
+            smoothing_sigma=smoothing_sigma,
+            cache_dir=cache_dir,
+        )
+        self.loss = GlocalLoss(loss, local_loss_weight)
+        self.class_name = class_name
+        self.learns_prompts = prompt_weights is None if train_prompts is None else train_prompts
+        self.prompts_ready = weights_file is not None
+        # The frozen CLIP is not stored in checkpoints (see on_save_checkpoint).
+        self.strict_loading = False
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize to the model's input size (bicubic) and normalise with CLIP's statistics.
+
+        Args:
+            image_size: (height, width); ``None`` means 518 x 518 as in the paper.
+        """
+        size = image_size or (518, 518)
+        transform = Compose(
+            [
+                Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                Normalize(mean=CLIP_MEAN, std=CLIP_STD),
+            ]
+        )
+        return PreProcessor(transform=transform)
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """Anomalib's post-processor: normalised [0, 1] scores and maps, adaptive thresholds."""
+        return PostProcessor()
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Image AUROC, AP and F1-max; pixel AUROC, AUPRO and F1-max (the paper's metrics and more)."""
+        image_fields = ["pred_score", "gt_label"]
+        pixel_fields = ["anomaly_map", "gt_mask"]
+        test_metrics = [
+            AUROC(fields=image_fields, prefix="image_"),
+            AUPR(fields=image_fields, prefix="image_"),
+            F1Max(fields=image_fields, prefix="image_"),
+            AUROC(fields=pixel_fields, prefix="pixel_", strict=False),
+            AUPRO(fields=pixel_fields, prefix="pixel_", strict=False),
+            F1Max(fields=pixel_fields, prefix="pixel_", strict=False),
+        ]
+        return Evaluator(test_metrics=test_metrics)
+
+    @property
+    def learning_type(self) -> LearningType:
+        """``ONE_CLASS`` (anomalib's "needs fitting") while prompts are to be learned, else ``ZERO_SHOT``."""
+        return LearningType.ONE_CLASS if self.learns_prompts else LearningType.ZERO_SHOT
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Epochs of prompt training; nothing for zero-shot use."""
+        if not self.learns_prompts:
+            return {}
+        return {"max_epochs": self.hparams.epochs, "num_sanity_val_steps": 0}
+
+    @classmethod
+    def checkpoint_safe_globals(cls) -> Sequence[Any]:
+        """Enums that may appear in saved hyper-parameters."""
+        return (DpamKind, PromptType, LossVariant)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        """Adam over the prompt parameters only (about 43 K numbers for ViT-L/14@336)."""
+        if not self.learns_prompts:
+            return None
+        parameters = self.model.prompt_learner.parameters()
+        return torch.optim.Adam(parameters, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+
+    def setup(self, stage: str) -> None:
+        """Take the object name for object-aware prompts from the datamodule's category."""
+        del stage
+        if self.class_name is None and getattr(self, "_trainer", None) is not None:
+            category = getattr(self.trainer.datamodule, "category", None)
+            if isinstance(category, str) and category:
+                self.model.class_name = category
+
+    def on_fit_start(self) -> None:
+        """Check that the training data can teach the prompts anything."""
+        if self.learns_prompts:
+            _check_training_data(self.trainer.datamodule)
+        self.prompts_ready = True
+
+    def on_train_end(self) -> None:
+        """From now on the prompts are fixed: further runs are zero-shot."""
+        self.learns_prompts = False
+
+    def on_validation_start(self) -> None:
+        """Refuse to evaluate prompts that were never trained or loaded."""
+        self._require_prompts()
+
+    def on_test_start(self) -> None:
+        """Refuse to evaluate prompts that were never trained or loaded."""
+        self._require_prompts()
+
+    def on_predict_start(self) -> None:
+        """Refuse to predict with prompts that were never trained or loaded."""
+        self._require_prompts()
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """One step of prompt learning with the glocal loss."""
+        del args, kwargs
+        outputs = self.model.training_outputs(batch.image, self._class_names(batch))
+        masks, has_mask = _masks_and_presence(batch)
+        terms = self.loss(outputs.image_logits, batch.gt_label, outputs.layer_probabilities, masks, has_mask)
+        for name, value in terms.items():
+            self.log(
+                f"train_{name}",
+                value,
+                prog_bar=name == "loss",
+                on_step=False,
+                on_epoch=True,
+                batch_size=batch.image.shape[0],
+                sync_dist=True,
+            )
+        return terms["loss"]
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score the batch (anomalib collects normalisation statistics and thresholds)."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the prompts and anomalib's components, not the frozen CLIP (GBs for ViT-L)."""
+        super().on_save_checkpoint(checkpoint)
+        frozen = ("model.visual_encoder.", "model.text_encoder.")
+        checkpoint["state_dict"] = {
+            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith(frozen)
+        }
+        checkpoint[CHECKPOINT_INFO_KEY] = {
+            "prompts_trained": bool(self.prompts_ready),
+            "feature_layers": list(self.model.feature_layers),
+            "dpam_kind": self.model.visual_encoder.dpam_kind.value,
+            "image_size": self.model.image_size,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Load the prompts with a clear error when they were made for another configuration."""
+        super().on_load_checkpoint(checkpoint)
+        state = {
+            key[len(PROMPT_PREFIX) :]: value
+            for key, value in checkpoint.get("state_dict", {}).items()
+            if key.startswith(PROMPT_PREFIX)
+        }
+        if not state:
+            raise PromptCheckpointError("The checkpoint holds no AnomalyCLIP prompts (no 'model.prompt_learner.*').")
+        self.model.prompt_learner.load_prompt_state(state, source="the Lightning checkpoint")
+        info = checkpoint.get(CHECKPOINT_INFO_KEY, {})
+        self._warn_on_differences(info)
+        self.prompts_ready = bool(info.get("prompts_trained", True))
+        self.learns_prompts = False
+
+    def _warn_on_differences(self, info: dict[str, Any]) -> None:
+        current = {
+            "feature_layers": list(self.model.feature_layers),
+            "dpam_kind": self.model.visual_encoder.dpam_kind.value,
+        }
+        for key, value in current.items():
+            if key in info and info[key] != value:
+                logger.warning("Checkpoint prompts were trained with %s=%s; this model uses %s.", key, info[key], value)
+
+    def _require_prompts(self) -> None:
+        if self.prompts_ready:
+            return
+        raise PromptsUnavailableError(
+            "AnomalyCLIP has no trained prompts, and scoring with untrained prompts gives meaningless results. "
+            "Either pass released prompts (downloaded once and cached): --model.prompt_weights anomalyclip-mvtec "
+            "(trained on MVTec AD; use anomalyclip-visa when testing on MVTec AD), or a prompt file: "
+            "--model.prompt_weights /path/to/epoch_15.pth, or a trained checkpoint: --ckpt_path model.ckpt. "
+            "To learn prompts, run `anomalib fit` with anomalib_anomalyclip.data.AuxiliaryDataModule."
+        )
+
+    def _class_names(self, batch: Batch) -> list[str] | None:
+        if self.model.prompt_learner.config.prompt_type is PromptType.OBJECT_AGNOSTIC:
+            return None
+        datamodule = self.trainer.datamodule if getattr(self, "_trainer", None) is not None else None
+        if datamodule is not None and hasattr(datamodule, "class_names_for"):
+            return datamodule.class_names_for(list(batch.image_path))
+        return [self.model.class_name] * batch.image.shape[0]
+
+
+def _masks_and_presence(batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Masks as float (B, H, W) and which images have a real mask.
+
+    Normal images always have one (all zeros). An anomalous image whose ``mask_path`` is
+    empty has no pixel annotation and trains with the image loss only.
+    """
+    if batch.gt_mask is None:
+        return None, None
+    masks = batch.gt_mask.float()
+    masks = masks.squeeze(1) if masks.dim() == 4 else masks
+    labels = batch.gt_label.bool()
+    if batch.mask_path is None:
+        return masks, ~labels
+    annotated = torch.tensor([bool(path) for path in batch.mask_path], device=labels.device)
+    return masks, ~labels | annotated
+
+
+def _check_training_data(datamodule: object) -> None:
+    """Stop early when the training split has no anomalous images (nothing to learn from)."""
+    samples = getattr(getattr(datamodule, "train_data", None), "samples", None)
+    if samples is None or "label_index" not in getattr(samples, "columns", ()):
+        return
+    if len(samples) and not bool((samples["label_index"] == 1).any()):
+        name = type(datamodule).__name__
+        raise ValueError(
+            f"The training data of {name} holds only normal images, but AnomalyCLIP learns its prompts from labelled "
+            "normal and anomalous images (with masks where available). Train on an auxiliary labelled set with "
+            "--data anomalib_anomalyclip.data.AuxiliaryDataModule, or evaluate zero-shot with "
+            "--model.prompt_weights anomalyclip-mvtec (or a prompt file)."
+        )
+
+
+expose_in_anomalib(AnomalyCLIP)

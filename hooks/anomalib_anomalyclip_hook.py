@@ -1,0 +1,82 @@
+"""Make ``--model AnomalyCLIP`` and ``get_model("AnomalyCLIP")`` work without touching anomalib.
+
+anomalib has no plugin registry: its CLI resolves a short model name among the
+subclasses of ``AnomalibModule`` that are imported when the arguments are parsed. This
+module, imported from ``anomalib_anomalyclip.pth`` at interpreter start-up, installs a
+tiny import hook (standard library only, so unrelated programs pay nothing measurable):
+
+* when ``anomalib.cli.cli`` finishes importing, ``anomalib_anomalyclip`` is imported and
+  registered, so the CLI sees the class before it parses;
+* when ``anomalib.models`` finishes importing in a program that already imported
+  ``anomalib_anomalyclip``, the class is registered there (``get_model``).
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import sys
+
+TYPE_CHECKING = False  # not `from typing import`: typing costs ~10 ms at start-up
+
+if TYPE_CHECKING:  # importlib.abc alone would cost ~25 ms at every interpreter start-up
+    from collections.abc import Callable
+    from importlib.abc import Loader
+    from types import ModuleType
+
+PACKAGE = "anomalib_anomalyclip"
+
+
+def _register_for_cli() -> None:
+    __import__(PACKAGE).register()
+
+
+def _register_if_imported() -> None:
+    package = sys.modules.get(PACKAGE)
+    if package is not None:
+        package.register()
+
+
+TRIGGERS: dict[str, Callable[[], None]] = {
+    "anomalib.cli.cli": _register_for_cli,
+    "anomalib.models": _register_if_imported,
+}
+
+
+class _RunAfterLoader:
+    """Wraps a module's loader and runs an action once the module has executed."""
+
+    def __init__(self, loader: Loader, action: Callable[[], None]) -> None:
+        self._loader = loader
+        self._action = action
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        self._action()
+
+
+class AfterImportFinder:
+    """Meta-path finder that only answers for the trigger modules, and only to wrap their loaders."""
+
+    def find_spec(  # noqa: D102 - the importlib.abc.MetaPathFinder protocol
+        self, fullname: str, path: object = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        action = TRIGGERS.get(fullname)
+        if action is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _RunAfterLoader(spec.loader, action)
+        return spec
+
+
+def install() -> None:
+    """Install the finder once (idempotent)."""
+    if not any(isinstance(finder, AfterImportFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, AfterImportFinder())
+
+
+install()

@@ -1,0 +1,62 @@
+"""Tests of the package entry point and of the offline test environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import anomalib_anomalyclip
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version() -> None:
+    assert anomalib_anomalyclip.__version__ == "0.1.0"
+
+
+def test_import_is_light() -> None:
+    code = (
+        "import sys, anomalib_anomalyclip; "
+        "heavy = [m for m in ('torch', 'open_clip', 'anomalib', 'lightning') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert result.stdout.strip() == ""
+
+
+def test_public_names() -> None:
+    assert "AnomalyCLIPModel" in anomalib_anomalyclip.__all__
+    assert set(anomalib_anomalyclip.__all__) <= set(dir(anomalib_anomalyclip))
+
+
+def test_unknown_attribute_raises_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'NotAThing'"):
+        _ = anomalib_anomalyclip.NotAThing
+
+
+def test_anomaly_clip_model_is_resolved_lazily() -> None:
+    torch_model = pytest.importorskip("anomalib_anomalyclip.torch_model")
+    assert anomalib_anomalyclip.AnomalyCLIPModel is torch_model.AnomalyCLIPModel
+
+
+def test_session_is_offline(offline_environment: Path) -> None:
+    import huggingface_hub.constants
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    for name in ("HF_HOME", "XDG_CACHE_HOME", "TORCH_HOME"):
+        assert Path(os.environ[name]).is_relative_to(offline_environment), name
+    # huggingface_hub reads the variables when it is first imported, so they must be set by then.
+    assert huggingface_hub.constants.HF_HUB_OFFLINE
+    assert Path(huggingface_hub.constants.HF_HOME).is_relative_to(offline_environment)
+
+
+def test_torch_uses_two_threads() -> None:
+    import torch
+
+    assert torch.get_num_threads() == 2
