@@ -48,7 +48,7 @@ from .weights import resolve_prompt_weights
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AnomalyCLIP", "PromptsUnavailableError"]
+__all__ = ["AnomalyCLIP", "ProbabilityPostProcessor", "PromptsUnavailableError"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -58,6 +58,28 @@ CHECKPOINT_INFO_KEY = "anomalyclip"
 
 class PromptsUnavailableError(RuntimeError):
     """The model would score images with prompts that were never trained or loaded."""
+
+
+class ProbabilityPostProcessor(PostProcessor):
+    """anomalib's post-processor, starting from AnomalyCLIP's own probability scale.
+
+    AnomalyCLIP's image score is a probability of "abnormal" and each layer map a
+    per-pixel probability (maps are summed over the feature layers). Before any labelled
+    data has been seen, scores are therefore normalised as probabilities and the
+    decision threshold is 0.5 (an image or pixel is abnormal when "damaged object" is
+    the likelier prompt). When anomalib's validation runs on labelled data, its adaptive
+    thresholds and min-max statistics replace these values as usual.
+    """
+
+    def set_probability_scale(self, num_layers: int) -> None:
+        """Use thresholds 0.5 and value ranges [0, 1] (image) and [0, num_layers] (map)."""
+        with torch.no_grad():
+            self._image_threshold.fill_(0.5)
+            self.image_min.fill_(0.0)
+            self.image_max.fill_(1.0)
+            self._pixel_threshold.fill_(num_layers / 2)
+            self.pixel_min.fill_(0.0)
+            self.pixel_max.fill_(float(num_layers))
 
 
 class AnomalyCLIP(AnomalibModule):
@@ -156,6 +178,8 @@ class AnomalyCLIP(AnomalibModule):
         self.class_name = class_name
         self.learns_prompts = prompt_weights is None if train_prompts is None else train_prompts
         self.prompts_ready = weights_file is not None
+        if isinstance(self.post_processor, ProbabilityPostProcessor):
+            self.post_processor.set_probability_scale(len(self.model.feature_layers))
         # The frozen CLIP is not stored in checkpoints (see on_save_checkpoint).
         self.strict_loading = False
 
@@ -177,8 +201,8 @@ class AnomalyCLIP(AnomalibModule):
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
-        """Anomalib's post-processor: normalised [0, 1] scores and maps, adaptive thresholds."""
-        return PostProcessor()
+        """Normalised [0, 1] scores and maps; thresholds adapt on validation data (0.5 until then)."""
+        return ProbabilityPostProcessor()
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
@@ -226,6 +250,15 @@ class AnomalyCLIP(AnomalibModule):
             category = getattr(self.trainer.datamodule, "category", None)
             if isinstance(category, str) and category:
                 self.model.class_name = category
+
+    def val_dataloader(self) -> list:
+        """No validation data of the model's own.
+
+        Used only when no datamodule is given, e.g. ``anomalib predict --data <folder>``:
+        zero-shot models are validated before predicting, and without labelled data the
+        probability-scale thresholds of :class:`ProbabilityPostProcessor` stay in place.
+        """
+        return []
 
     def on_fit_start(self) -> None:
         """Check that the training data can teach the prompts anything."""
