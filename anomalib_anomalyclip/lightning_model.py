@@ -35,14 +35,16 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
 from . import expose_in_anomalib
+from .data.auxiliary import has_pixel_mask
 from .dpam import DpamKind
 from .loss import GlocalLoss, LossVariant
-from .prompts import AGNOSTIC_OBJECT, PromptCheckpointError, PromptType
+from .prompts import AGNOSTIC_OBJECT, PromptCheckpointError, PromptType, prompts_of_lightning_checkpoint
 from .torch_model import AnomalyCLIPModel
 from .weights import resolve_prompt_weights
 
@@ -52,7 +54,6 @@ __all__ = ["AnomalyCLIP", "ProbabilityPostProcessor", "PromptsUnavailableError"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PROMPT_PREFIX = "model.prompt_learner."
 CHECKPOINT_INFO_KEY = "anomalyclip"
 
 
@@ -61,25 +62,54 @@ class PromptsUnavailableError(RuntimeError):
 
 
 class ProbabilityPostProcessor(PostProcessor):
-    """anomalib's post-processor, starting from AnomalyCLIP's own probability scale.
+    """anomalib's post-processor on AnomalyCLIP's own probability scale.
 
     AnomalyCLIP's image score is a probability of "abnormal" and each layer map a
-    per-pixel probability (maps are summed over the feature layers). Before any labelled
-    data has been seen, scores are therefore normalised as probabilities and the
-    decision threshold is 0.5 (an image or pixel is abnormal when "damaged object" is
-    the likelier prompt). When anomalib's validation runs on labelled data, its adaptive
-    thresholds and min-max statistics replace these values as usual.
+    per-pixel probability (maps are summed over the feature layers), so the value range
+    is known: [0, 1] for scores, [0, number of layers] for maps. Scores are normalised
+    piecewise linearly on that fixed range so that the threshold lands on 0.5: strictly
+    monotone, so AUROC/AP/AUPRO of normalised outputs equal those of raw outputs, even
+    on data whose scores fall outside what validation saw (anomalib's min-max
+    normalisation clamps those, which ties them and lowers the metrics of a zero-shot
+    model evaluated on another dataset).
+
+    Thresholds are anomalib's adaptive F1 thresholds when validation sees labelled data,
+    and 0.5 (the likelier prompt wins) until then.
     """
 
     def set_probability_scale(self, num_layers: int) -> None:
-        """Use thresholds 0.5 and value ranges [0, 1] (image) and [0, num_layers] (map)."""
+        """Fix the value ranges and start from thresholds at half of each range."""
         with torch.no_grad():
             self._image_threshold.fill_(0.5)
+            self._pixel_threshold.fill_(num_layers / 2)
+            self._fix_ranges(num_layers)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Adopt the adaptive thresholds; keep the fixed probability ranges."""
+        num_layers = float(self.pixel_max)
+        super().on_validation_epoch_end(trainer, pl_module)
+        self._fix_ranges(num_layers)
+
+    def _fix_ranges(self, num_layers: float) -> None:
+        with torch.no_grad():
             self.image_min.fill_(0.0)
             self.image_max.fill_(1.0)
-            self._pixel_threshold.fill_(num_layers / 2)
             self.pixel_min.fill_(0.0)
             self.pixel_max.fill_(float(num_layers))
+
+    @staticmethod
+    def _normalize(
+        preds: torch.Tensor | None, norm_min: torch.Tensor, norm_max: torch.Tensor, threshold: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Map [min, threshold] to [0, 0.5] and [threshold, max] to [0.5, 1] linearly."""
+        if preds is None:
+            return preds
+        span = norm_max - norm_min
+        threshold = torch.where(torch.isnan(threshold), (norm_max + norm_min) / 2, threshold)
+        threshold = torch.minimum(torch.maximum(threshold, norm_min + 1e-6 * span), norm_max - 1e-6 * span)
+        below = 0.5 * (preds - norm_min) / (threshold - norm_min)
+        above = 0.5 + 0.5 * (preds - threshold) / (norm_max - threshold)
+        return torch.where(preds < threshold, below, above).clamp(0, 1)
 
 
 class AnomalyCLIP(AnomalibModule):
@@ -112,6 +142,8 @@ class AnomalyCLIP(AnomalibModule):
         loss: ``glocal`` (default), ``global`` (image loss only) or ``local`` (maps only).
         local_loss_weight: weight of the focal + dice map losses.
         epochs: training epochs of the prompts (sets the trainer's ``max_epochs``).
+        seed: seed of the prompts' initialisation (anomalib's CLI does not apply
+            ``--seed_everything``; the auxiliary datamodule's ``seed`` fixes the batch order).
         cache_dir: open_clip's download cache for ``pretrained`` tags.
         pre_processor: anomalib pre-processor, or ``True`` for resize + CLIP normalisation.
         post_processor: anomalib post-processor, or ``True`` for the default.
@@ -142,6 +174,7 @@ class AnomalyCLIP(AnomalibModule):
         loss: str = LossVariant.GLOCAL.value,
         local_loss_weight: float = 4.0,
         epochs: int = 15,
+        seed: int | None = 111,
         cache_dir: str | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -172,6 +205,7 @@ class AnomalyCLIP(AnomalibModule):
             prompt_type=prompt_type,
             class_name=class_name or AGNOSTIC_OBJECT,
             smoothing_sigma=smoothing_sigma,
+            prompt_seed=seed,
             cache_dir=cache_dir,
         )
         self.loss = GlocalLoss(loss, local_loss_weight)
@@ -323,11 +357,7 @@ class AnomalyCLIP(AnomalibModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Load the prompts with a clear error when they were made for another configuration."""
         super().on_load_checkpoint(checkpoint)
-        state = {
-            key[len(PROMPT_PREFIX) :]: value
-            for key, value in checkpoint.get("state_dict", {}).items()
-            if key.startswith(PROMPT_PREFIX)
-        }
+        state = prompts_of_lightning_checkpoint(checkpoint)
         if not state:
             raise PromptCheckpointError("The checkpoint holds no AnomalyCLIP prompts (no 'model.prompt_learner.*').")
         self.model.prompt_learner.load_prompt_state(state, source="the Lightning checkpoint")
@@ -365,21 +395,12 @@ class AnomalyCLIP(AnomalibModule):
         return [self.model.class_name] * batch.image.shape[0]
 
 
-def _masks_and_presence(batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Masks as float (B, H, W) and which images have a real mask.
-
-    Normal images always have one (all zeros). An anomalous image whose ``mask_path`` is
-    empty has no pixel annotation and trains with the image loss only.
-    """
+def _masks_and_presence(batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Masks as float (B, H, W) and which images have a real mask (see :func:`has_pixel_mask`)."""
     if batch.gt_mask is None:
-        return None, None
+        return None, has_pixel_mask(batch)
     masks = batch.gt_mask.float()
-    masks = masks.squeeze(1) if masks.dim() == 4 else masks
-    labels = batch.gt_label.bool()
-    if batch.mask_path is None:
-        return masks, ~labels
-    annotated = torch.tensor([bool(path) for path in batch.mask_path], device=labels.device)
-    return masks, ~labels | annotated
+    return (masks.squeeze(1) if masks.dim() == 4 else masks), has_pixel_mask(batch)
 
 
 def _check_training_data(datamodule: object) -> None:

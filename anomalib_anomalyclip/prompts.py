@@ -15,7 +15,9 @@ Prompt checkpoints:
 * ours: ``{"anomalyclip_prompts": 1, "config": {...}, "state_dict": {...}}``, written by
   :func:`save_prompts`;
 * the reference's released ``epoch_15.pth``: ``{"prompt_learner": {"ctx_pos",
-  "ctx_neg", "compound_prompts_text.N", ...}}`` (unused keys ignored).
+  "ctx_neg", "compound_prompts_text.N", ...}}`` (unused keys ignored);
+* a Lightning ``model.ckpt`` of :class:`anomalib_anomalyclip.AnomalyCLIP` (its
+  ``model.prompt_learner.*`` tensors).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import nn
 CHECKPOINT_FORMAT_KEY = "anomalyclip_prompts"
 CHECKPOINT_FORMAT_VERSION = 1
 AGNOSTIC_OBJECT = "object"
+LIGHTNING_PREFIX = "model.prompt_learner."
 
 
 class PromptType(str, Enum):
@@ -149,10 +152,22 @@ def read_prompt_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         return dict(checkpoint["state_dict"])
     if isinstance(checkpoint, Mapping) and "prompt_learner" in checkpoint:
         return convert_reference_state(checkpoint["prompt_learner"])
+    prompts = prompts_of_lightning_checkpoint(checkpoint)
+    if prompts:
+        return prompts
     raise PromptCheckpointError(
-        f"'{path}' is not a prompt checkpoint: expected a file written by anomalib-anomalyclip or the "
-        "reference's released format {'prompt_learner': {...}} (AnomalyCLIP checkpoints/*/epoch_15.pth)."
+        f"'{path}' is not a prompt checkpoint: expected a file written by anomalib-anomalyclip (prompts or a "
+        "Lightning model.ckpt) or the reference's released format {'prompt_learner': {...}} "
+        "(AnomalyCLIP checkpoints/*/epoch_15.pth)."
     )
+
+
+def prompts_of_lightning_checkpoint(checkpoint: object) -> dict[str, torch.Tensor]:
+    """The prompt tensors of an anomalib/Lightning checkpoint of AnomalyCLIP (empty if none)."""
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping):
+        return {}
+    return {key[len(LIGHTNING_PREFIX) :]: value for key, value in state.items() if key.startswith(LIGHTNING_PREFIX)}
 
 
 def convert_reference_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -63,6 +63,8 @@ class AnomalyCLIPModel(nn.Module):
         prompt_type: ``object_agnostic`` (the method) or ``object_aware`` (ablation).
         class_name: object name used by object-aware prompts at inference.
         smoothing_sigma: Gaussian sigma of the map smoothing in pixels (0: none).
+        prompt_seed: seed of the prompts' random initialisation (111 as the reference;
+            ``None``: torch's global generator).
         cache_dir: open_clip download cache.
     """
 
@@ -82,6 +84,7 @@ class AnomalyCLIPModel(nn.Module):
         prompt_type: PromptType | str = PromptType.OBJECT_AGNOSTIC,
         class_name: str = AGNOSTIC_OBJECT,
         smoothing_sigma: float = 4.0,
+        prompt_seed: int | None = 111,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -97,7 +100,8 @@ class AnomalyCLIPModel(nn.Module):
             text_tokens=text_tokens,
             prompt_type=PromptType(prompt_type),
         )
-        self.prompt_learner = PromptLearner(config)
+        generator = None if prompt_seed is None else torch.Generator().manual_seed(prompt_seed)
+        self.prompt_learner = PromptLearner(config, generator)
         self.text_encoder = PromptTextEncoder(clip, config)
         self.smoothing = GaussianSmoothing(smoothing_sigma)
         self.register_buffer("text_features", torch.zeros(1, 2, clip.text_projection.shape[1]), persistent=False)

@@ -1,0 +1,391 @@
+"""Tiny synthetic datasets in MVTec AD's layout, for tests, notebooks and benchmarks.
+
+Every category gets its own look (a striped, checkered or smooth texture with category-specific colours and
+frequency, plus mild noise). Defects look the same in every category (saturated dark or bright irregular blobs or
+scratches covering roughly 3-10 % of the image at random places), so that a detector trained on some categories can
+transfer to the others, which is what a zero-shot protocol needs.
+
+The layout written by :func:`make_mvtec_like_dataset` is exactly MVTec AD's::
+
+    root/<category>/train/good/000.png
+    root/<category>/test/good/000.png
+    root/<category>/test/<defect>/000.png
+    root/<category>/ground_truth/<defect>/000_mask.png
+
+Images are RGB PNGs, masks single-channel PNGs holding 0 and 255 with the image's size. Everything is a pure function
+of ``seed`` (and of the category name, so a category looks the same whichever other categories are generated).
+
+Command line::
+
+    python -m anomalib_anomalyclip.data.synthetic ROOT [--categories a b] [--image-size 64] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "DEFAULT_CATEGORIES",
+    "DEFECT_KINDS",
+    "TEXTURE_KINDS",
+    "CategoryStyle",
+    "add_defect",
+    "category_style",
+    "main",
+    "make_mvtec_like_dataset",
+    "render_normal_image",
+]
+
+DEFAULT_CATEGORIES: tuple[str, ...] = ("alpha", "beta", "gamma")
+DEFECT_KINDS: tuple[str, ...] = ("blob", "scratch")
+TEXTURE_KINDS: tuple[str, ...] = ("stripes", "checker", "smooth")
+MIN_IMAGE_SIZE = 16
+
+_COVERAGE_RANGE = (0.03, 0.10)
+_NOISE_STD = 0.02
+
+
+@dataclass(frozen=True)
+class CategoryStyle:
+    """Look of one synthetic category.
+
+    Attributes:
+        name: Category name.
+        texture: One of :data:`TEXTURE_KINDS`.
+        colors: Two RGB colours in ``[0, 1]`` that the texture blends, shape ``(2, 3)``.
+        frequency: Number of texture periods across the image.
+        angle: Orientation of the texture in radians.
+    """
+
+    name: str
+    texture: str
+    colors: tuple[tuple[float, float, float], tuple[float, float, float]]
+    frequency: float
+    angle: float
+
+
+def _name_code(name: str) -> int:
+    """Stable integer code of a string (``hash`` is salted per process)."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    """Random generator that depends only on ``keys``."""
+    return np.random.default_rng(np.random.SeedSequence([int(key) for key in keys]))
+
+
+def category_style(name: str, seed: int = 0) -> CategoryStyle:
+    """Derive the look of a category from its name and the dataset seed.
+
+    Args:
+        name: Category name.
+        seed: Dataset seed.
+
+    Returns:
+        The category's style.
+    """
+    rng = _rng(seed, _name_code(name), 0)
+    base = rng.uniform(0.3, 0.7, size=3)
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction) + 1e-8
+    other = np.clip(base + direction * rng.uniform(0.2, 0.3), 0.2, 0.8)
+    texture = TEXTURE_KINDS[int(rng.integers(len(TEXTURE_KINDS)))]
+    return CategoryStyle(
+        name=name,
+        texture=texture,
+        colors=(tuple(float(v) for v in base), tuple(float(v) for v in other)),
+        frequency=float(rng.uniform(2.0, 6.0)),
+        angle=float(rng.uniform(0.0, np.pi)),
+    )
+
+
+def _texture_field(style: CategoryStyle, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Blend weights in ``[0, 1]`` of shape ``(H, W)`` for one image of ``style``."""
+    coords = np.arange(image_size, dtype=np.float64) / image_size
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    u = x * np.cos(style.angle) + y * np.sin(style.angle)
+    v = -x * np.sin(style.angle) + y * np.cos(style.angle)
+    phase_u, phase_v = rng.uniform(0.0, 2.0 * np.pi, size=2)
+    wave_u = np.sin(2.0 * np.pi * style.frequency * u + phase_u)
+    if style.texture == "stripes":
+        return 0.5 + 0.5 * wave_u
+    wave_v = np.sin(2.0 * np.pi * style.frequency * v + phase_v)
+    if style.texture == "checker":
+        return 0.5 + 0.5 * np.tanh(3.0 * wave_u * wave_v)
+    # smooth: a low-frequency mixture of two waves
+    low = 0.25 * style.frequency
+    return 0.5 + 0.25 * (np.sin(2.0 * np.pi * low * u + phase_u) + np.sin(2.0 * np.pi * low * v + phase_v))
+
+
+def render_normal_image(style: CategoryStyle, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Render a defect-free image of a category.
+
+    Args:
+        style: The category's style, see :func:`category_style`.
+        image_size: Side of the square image in pixels.
+        rng: Random generator (texture phase, brightness jitter, noise).
+
+    Returns:
+        Float image in ``[0, 1]`` of shape ``(image_size, image_size, 3)``.
+    """
+    weight = _texture_field(style, image_size, rng)[..., None]
+    color_a, color_b = (np.asarray(color) for color in style.colors)
+    image = (1.0 - weight) * color_a + weight * color_b
+    image = image + rng.uniform(-0.03, 0.03) + rng.normal(0.0, _NOISE_STD, size=image.shape)
+    return np.clip(image, 0.0, 1.0)
+
+
+def _blob_polygon(image_size: int, area: float, rng: np.random.Generator) -> list[tuple[float, float]]:
+    """Irregular star-shaped polygon of about ``area`` pixels that fits inside the image."""
+    harmonics = np.arange(2, 5)
+    amplitudes = rng.uniform(0.0, 0.25, size=harmonics.size)
+    phases = rng.uniform(0.0, 2.0 * np.pi, size=harmonics.size)
+    # Area of r(t) = r0 * (1 + sum a_k cos(k t + p_k)) is pi * r0^2 * (1 + sum a_k^2 / 2).
+    radius = np.sqrt(area / (np.pi * (1.0 + 0.5 * np.sum(amplitudes**2))))
+    max_radius = radius * (1.0 + amplitudes.sum())
+    low, high = max_radius + 1.0, image_size - 1.0 - max_radius
+    center = rng.uniform(low, high, size=2) if high > low else np.full(2, image_size / 2.0)
+    angles = np.linspace(0.0, 2.0 * np.pi, 48, endpoint=False)
+    radii = radius * (1.0 + np.sum(amplitudes[:, None] * np.cos(harmonics[:, None] * angles + phases[:, None]), 0))
+    xs = center[0] + radii * np.cos(angles)
+    ys = center[1] + radii * np.sin(angles)
+    return list(zip(xs.tolist(), ys.tolist(), strict=True))
+
+
+def _scratch_polyline(image_size: int, area: float, rng: np.random.Generator) -> tuple[list[tuple[float, float]], int]:
+    """Zig-zag polyline of about ``area`` pixels (length x width) that fits inside the image."""
+    width = max(2, round(image_size / 12))
+    n_segments = 4
+    length = area / width / n_segments
+    heading = rng.uniform(0.0, 2.0 * np.pi)
+    points = [np.zeros(2)]
+    for _ in range(n_segments):
+        heading += rng.uniform(-1.2, 1.2)
+        points.append(points[-1] + length * np.array([np.cos(heading), np.sin(heading)]))
+    polyline = np.stack(points)
+    polyline -= polyline.min(axis=0)
+    margin = width / 2.0 + 1.0
+    room = image_size - 2.0 * margin
+    extent = polyline.max(axis=0)
+    scale = min(1.0, float(room / max(extent.max(), 1e-6)))
+    if scale < 1.0:  # too long to fit: shorten it and thicken it to keep the area
+        polyline *= scale
+        width = max(2, round(width / scale))
+        extent = polyline.max(axis=0)
+    offset = margin + rng.uniform(0.0, 1.0, size=2) * np.maximum(room - extent, 0.0)
+    polyline += offset
+    return [(float(x), float(y)) for x, y in polyline], width
+
+
+def _defect_mask(kind: str, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Boolean ``(H, W)`` mask of one defect of ``kind``."""
+    area = rng.uniform(*_COVERAGE_RANGE) * image_size**2
+    canvas = Image.new("L", (image_size, image_size), 0)
+    draw = ImageDraw.Draw(canvas)
+    if kind == "blob":
+        draw.polygon(_blob_polygon(image_size, area, rng), fill=255)
+    else:
+        points, width = _scratch_polyline(image_size, area, rng)
+        draw.line(points, fill=255, width=width, joint="curve")
+    return np.asarray(canvas) > 0
+
+
+def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Paint one defect onto an image.
+
+    The defect is a saturated dark or bright region (chosen at random) with mild noise, shaped as an irregular blob
+    or a thick zig-zag scratch covering about 3-10 % of the image.
+
+    Args:
+        image: Float image in ``[0, 1]`` of shape ``(H, W, 3)`` with ``H == W``.
+        kind: One of :data:`DEFECT_KINDS`.
+        rng: Random generator.
+
+    Returns:
+        The defective image (a new array) and its boolean ``(H, W)`` mask.
+
+    Raises:
+        ValueError: If ``kind`` is unknown.
+    """
+    _check_defect_kinds([kind])
+    mask = _defect_mask(kind, image.shape[0], rng)
+    level = rng.uniform(0.02, 0.08) if rng.random() < 0.5 else rng.uniform(0.92, 0.98)
+    paint = level + rng.normal(0.0, _NOISE_STD, size=(int(mask.sum()), 3))
+    defective = image.copy()
+    defective[mask] = np.clip(paint, 0.0, 1.0)
+    return defective, mask
+
+
+def _check_defect_kinds(defects: Sequence[str]) -> None:
+    unknown = [kind for kind in defects if kind not in DEFECT_KINDS]
+    if unknown:
+        msg = f"Unknown defect kind(s) {unknown}; choose from {list(DEFECT_KINDS)}."
+        raise ValueError(msg)
+
+
+def _check_arguments(categories: Sequence[str], image_size: int, counts: Sequence[int], defects: Sequence[str]) -> None:
+    if isinstance(categories, str) or not categories:
+        msg = f"`categories` must be a non-empty sequence of names, got {categories!r}."
+        raise ValueError(msg)
+    if len(set(categories)) != len(categories):
+        msg = f"`categories` has duplicates: {list(categories)}."
+        raise ValueError(msg)
+    if image_size < MIN_IMAGE_SIZE:
+        msg = f"`image_size` must be at least {MIN_IMAGE_SIZE}, got {image_size}."
+        raise ValueError(msg)
+    if any(count < 0 for count in counts):
+        msg = f"Image counts must be non-negative, got {list(counts)}."
+        raise ValueError(msg)
+    if isinstance(defects, str) or not defects:
+        msg = f"`defects` must be a non-empty sequence of defect kinds, got {defects!r}."
+        raise ValueError(msg)
+    _check_defect_kinds(defects)
+
+
+def _prepare_category_dir(category_dir: Path, overwrite: bool) -> None:
+    if category_dir.exists() and any(category_dir.iterdir()):
+        if not overwrite:
+            msg = f"{category_dir} already exists and is not empty; pass overwrite=True (--overwrite) to replace it."
+            raise FileExistsError(msg)
+        shutil.rmtree(category_dir)
+
+
+def _save_rgb(image: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(image * 255.0).astype(np.uint8), mode="RGB").save(path)
+
+
+def _save_mask(mask: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path)
+
+
+def _write_good_images(folder: Path, style: CategoryStyle, image_size: int, count: int, keys: tuple[int, ...]) -> None:
+    for index in range(count):
+        _save_rgb(render_normal_image(style, image_size, _rng(*keys, index)), folder / f"{index:03d}.png")
+
+
+def _write_category(
+    category_dir: Path,
+    style: CategoryStyle,
+    image_size: int,
+    counts: tuple[int, int, int],
+    defects: Sequence[str],
+    seed: int,
+) -> None:
+    """Write train/test/ground_truth of one category."""
+    n_train_good, n_test_good, n_test_defect = counts
+    code = _name_code(style.name)
+    _write_good_images(category_dir / "train" / "good", style, image_size, n_train_good, (seed, code, 1, 0))
+    _write_good_images(category_dir / "test" / "good", style, image_size, n_test_good, (seed, code, 2, 0))
+    for kind in defects:
+        for index in range(n_test_defect):
+            rng = _rng(seed, code, 2, 1 + DEFECT_KINDS.index(kind), index)
+            image, mask = add_defect(render_normal_image(style, image_size, rng), kind, rng)
+            _save_rgb(image, category_dir / "test" / kind / f"{index:03d}.png")
+            _save_mask(mask, category_dir / "ground_truth" / kind / f"{index:03d}_mask.png")
+
+
+def make_mvtec_like_dataset(
+    root: str | Path,
+    categories: Sequence[str] = DEFAULT_CATEGORIES,
+    image_size: int = 64,
+    n_train_good: int = 4,
+    n_test_good: int = 4,
+    n_test_defect: int = 4,
+    defects: Sequence[str] = ("blob",),
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Write a small synthetic dataset in MVTec AD's exact layout.
+
+    Args:
+        root: Dataset root; category folders are created directly below it.
+        categories: Category names (folder names).
+        image_size: Side of the square images in pixels (at least 16).
+        n_train_good: Normal training images per category (``train/good``).
+        n_test_good: Normal test images per category (``test/good``).
+        n_test_defect: Anomalous test images per category and defect kind (``test/<defect>``), each with a mask
+            ``ground_truth/<defect>/<stem>_mask.png``.
+        defects: Defect kinds to generate, from :data:`DEFECT_KINDS`; each is also the defect folder name.
+        seed: Seed; the output is a pure function of the arguments.
+        overwrite: Replace category folders that already exist. Without it an existing non-empty category folder
+            raises :class:`FileExistsError` (nothing else in ``root`` is touched either way).
+
+    Returns:
+        ``root`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: On invalid arguments (unknown defect kind, duplicate categories, tiny images...).
+        FileExistsError: If a category folder exists, is not empty and ``overwrite`` is false.
+
+    Example:
+        >>> root = make_mvtec_like_dataset("/tmp/synthetic", categories=("alpha", "beta"), image_size=32)
+        >>> sorted(p.name for p in root.iterdir())
+        ['alpha', 'beta']
+    """
+    categories = tuple(categories)
+    defects = tuple(defects)
+    counts = (n_train_good, n_test_good, n_test_defect)
+    _check_arguments(categories, image_size, counts, defects)
+    root = Path(root)
+    for category in categories:
+        _prepare_category_dir(root / category, overwrite)
+    for category in categories:
+        _write_category(root / category, category_style(category, seed), image_size, counts, defects, seed)
+    return root
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m anomalib_anomalyclip.data.synthetic",
+        description="Write a small synthetic dataset in MVTec AD's layout.",
+    )
+    parser.add_argument("root", type=Path, help="dataset root (category folders are created below it)")
+    parser.add_argument("--categories", nargs="+", default=list(DEFAULT_CATEGORIES))
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--n-train-good", type=int, default=4)
+    parser.add_argument("--n-test-good", type=int, default=4)
+    parser.add_argument("--n-test-defect", type=int, default=4)
+    parser.add_argument("--defects", nargs="+", default=["blob"], choices=DEFECT_KINDS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing category folders")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point.
+
+    Args:
+        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns:
+        The exit status (0 on success).
+    """
+    args = _parse_args(argv)
+    root = make_mvtec_like_dataset(
+        args.root,
+        categories=args.categories,
+        image_size=args.image_size,
+        n_train_good=args.n_train_good,
+        n_test_good=args.n_test_good,
+        n_test_defect=args.n_test_defect,
+        defects=args.defects,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    n_images = sum(1 for _ in root.glob("*/t*/*/*.png"))
+    print(f"Wrote {n_images} images in {len(args.categories)} categories to {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
