@@ -3,24 +3,25 @@
 anomalib has no plugin registry: its CLI resolves a short model name among the
 subclasses of ``AnomalibModule`` that are imported when the arguments are parsed. This
 module, imported from ``anomalib_anomalyclip.pth`` at interpreter start-up, installs a
-tiny import hook (standard library only, so unrelated programs pay nothing measurable):
+tiny import hook, so that unrelated programs pay nothing measurable:
 
 * when ``anomalib.cli.cli`` finishes importing, ``anomalib_anomalyclip`` is imported and
   registered, so the CLI sees the class before it parses;
 * when ``anomalib.models`` finishes importing in a program that already imported
   ``anomalib_anomalyclip``, the class is registered there (``get_model``).
+
+Only ``sys`` is imported and annotations are strings: ``typing`` would cost ~10 ms,
+``importlib.abc`` ~25 ms and even ``__future__`` plus ``importlib.machinery`` ~0.8 ms at
+every interpreter start-up (see ``benchmarks/startup.py``).
 """
 
-from __future__ import annotations
-
-import importlib.machinery
 import sys
 
-TYPE_CHECKING = False  # not `from typing import`: typing costs ~10 ms at start-up
-
-if TYPE_CHECKING:  # importlib.abc alone would cost ~25 ms at every interpreter start-up
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     from collections.abc import Callable
     from importlib.abc import Loader
+    from importlib.machinery import ModuleSpec
     from types import ModuleType
 
 PACKAGE = "anomalib_anomalyclip"
@@ -36,7 +37,7 @@ def _register_if_imported() -> None:
         package.register()
 
 
-TRIGGERS: dict[str, Callable[[], None]] = {
+TRIGGERS = {
     "anomalib.cli.cli": _register_for_cli,
     "anomalib.models": _register_if_imported,
 }
@@ -45,14 +46,14 @@ TRIGGERS: dict[str, Callable[[], None]] = {
 class _RunAfterLoader:
     """Wraps a module's loader and runs an action once the module has executed."""
 
-    def __init__(self, loader: Loader, action: Callable[[], None]) -> None:
+    def __init__(self, loader: "Loader", action: "Callable[[], None]") -> None:
         self._loader = loader
         self._action = action
 
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+    def create_module(self, spec: "ModuleSpec") -> "ModuleType | None":
         return self._loader.create_module(spec)
 
-    def exec_module(self, module: ModuleType) -> None:
+    def exec_module(self, module: "ModuleType") -> None:
         self._loader.exec_module(module)
         self._action()
 
@@ -61,16 +62,21 @@ class AfterImportFinder:
     """Meta-path finder that only answers for the trigger modules, and only to wrap their loaders."""
 
     def find_spec(  # noqa: D102 - the importlib.abc.MetaPathFinder protocol
-        self, fullname: str, path: object = None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
+        self, fullname: str, path: object = None, target: "ModuleType | None" = None
+    ) -> "ModuleSpec | None":
         action = TRIGGERS.get(fullname)
         if action is None:
             return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        spec = _path_finder().find_spec(fullname, path, target)
         if spec is None or spec.loader is None:
             return None
         spec.loader = _RunAfterLoader(spec.loader, action)
         return spec
+
+
+def _path_finder() -> type:
+    """The standard path-based finder, taken from ``sys.meta_path`` (no importlib import)."""
+    return next(finder for finder in sys.meta_path if getattr(finder, "__name__", "") == "PathFinder")
 
 
 def install() -> None:

@@ -78,9 +78,11 @@ def trained(workspace: Path, tiny_clip_path: Path) -> dict[str, Path]:
     return {"checkpoint": checkpoint, "logs": workspace / "fit_logs"}
 
 
-def _test_held_out(workspace: Path, tiny_clip_path: Path, name: str, *extra: str) -> dict[str, float]:
+def _test_held_out(
+    workspace: Path, tiny_clip_path: Path, name: str, *extra: str, subcommand: str = "test"
+) -> dict[str, float]:
     anomalib_cli(
-        "test",
+        subcommand,
         *_model_args(tiny_clip_path),
         *extra,
         "--data", "MVTecAD",
@@ -133,7 +135,10 @@ def test_checkpoint_also_loads_as_prompt_weights(
     workspace: Path, tiny_clip_path: Path, trained: dict[str, Path], trained_metrics: dict[str, float]
 ) -> None:
     checkpoint = str(trained["checkpoint"])
-    metrics = _test_held_out(workspace, tiny_clip_path, "test_prompt_weights", "--model.prompt_weights", checkpoint)
+    # `train` with prompts given is anomalib's zero-shot path: no fitting, validation then test.
+    metrics = _test_held_out(
+        workspace, tiny_clip_path, "train_prompt_weights", "--model.prompt_weights", checkpoint, subcommand="train"
+    )
     # Thresholds differ (validated on the target instead of the auxiliary data); rankings do not.
     for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
         assert metrics[key] == pytest.approx(trained_metrics[key], abs=1e-4), key
@@ -168,6 +173,29 @@ def test_wrong_prompts_fail_with_a_clear_message(
     )  # fmt: skip
     assert result.returncode != 0
     assert "missing.pth" in result.stdout + result.stderr
+
+    result = anomalib_cli(
+        "test", *_model_args(tiny_clip_path),
+        "--data", "MVTecAD", "--data.root", "data", "--data.category", HELD_OUT, "--data.num_workers", "0",
+        cwd=workspace, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "has no trained prompts" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "config"),
+    [
+        ("test", "zero_shot_mvtec.yaml"),
+        ("test", "zero_shot_visa.yaml"),
+        ("fit", "train_prompts_mvtec.yaml"),
+        ("fit", "train_prompts_visa.yaml"),
+    ],
+)
+def test_shipped_configs_parse(workspace: Path, subcommand: str, config: str) -> None:
+    path = Path(__file__).resolve().parents[1] / "configs" / config
+    result = anomalib_cli(subcommand, "--config", str(path), "--print_config", cwd=workspace)
+    assert "anomalib_anomalyclip.AnomalyCLIP" in result.stdout
 
 
 def test_ddp_fit_with_two_cpu_processes(workspace: Path, tiny_clip_path: Path) -> None:

@@ -60,3 +60,28 @@ def test_torch_uses_two_threads() -> None:
     import torch
 
     assert torch.get_num_threads() == 2
+
+
+def _fresh_python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+def test_get_model_finds_anomalyclip_after_importing_the_package(tiny_clip_path: Path) -> None:
+    code = (
+        "import anomalib_anomalyclip\n"
+        "from anomalib.models import get_model\n"
+        f"model = get_model('AnomalyCLIP', pretrained={str(tiny_clip_path)!r}, image_size=56)\n"
+        "import anomalib.models\n"
+        "print(type(model).__name__, anomalib.models.AnomalyCLIP is type(model))"
+    )
+    assert _fresh_python(code).splitlines()[-1] == "AnomalyCLIP True"
+
+
+def test_the_start_up_hook_imports_nothing_heavy() -> None:
+    code = (
+        "import sys\n"
+        "print('anomalib_anomalyclip_hook' in sys.modules, "
+        "[m for m in ('anomalib', 'torch', 'anomalib_anomalyclip', 'importlib.abc') if m in sys.modules])"
+    )
+    assert _fresh_python(code) == "True []"
