@@ -28,7 +28,9 @@ def _interpreter_start(extra: list[str], runs: int) -> float:
 
 
 def _hook_import_microseconds() -> int:
-    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True, check=True
+    )
     for line in result.stderr.splitlines():
         if line.rstrip().endswith("anomalib_anomalyclip_hook"):
             return int(line.split("|")[1])
