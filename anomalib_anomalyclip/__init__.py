@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from anomalib_anomalyclip._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
-__all__ = ["AnomalyCLIP", "AnomalyCLIPModel", "register"]
+__all__ = ["AnomalyCLIP", "AnomalyCLIPModel", "AuxiliaryDataModule", "register"]
 
 # Public name -> module that defines it, resolved lazily by ``__getattr__``.
 _LAZY_ATTRIBUTES: dict[str, str] = {
     "AnomalyCLIP": "anomalib_anomalyclip.lightning_model",
     "AnomalyCLIPModel": "anomalib_anomalyclip.torch_model",
+    "AuxiliaryDataModule": "anomalib_anomalyclip.data.auxiliary",
 }
 
 if TYPE_CHECKING:
+    from anomalib_anomalyclip.data.auxiliary import AuxiliaryDataModule
     from anomalib_anomalyclip.lightning_model import AnomalyCLIP
     from anomalib_anomalyclip.torch_model import AnomalyCLIPModel
 
@@ -52,25 +56,7 @@ def expose_in_anomalib(model_class: type) -> None:
     setattr(models, model_class.__name__, model_class)
 
 
-def __getattr__(name: str) -> Any:
-    """Import public names on first access.
-
-    Args:
-        name: Attribute requested from the package.
-
-    Returns:
-        The requested object.
-
-    Raises:
-        AttributeError: If ``name`` is not a public name of this package.
-    """
-    module_name = _LAZY_ATTRIBUTES.get(name)
-    if module_name is None:
-        msg = f"module {__name__!r} has no attribute {name!r}"
-        raise AttributeError(msg)
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_attributes(globals(), _LAZY_ATTRIBUTES)
 
 
 def _register_now_or_later() -> None:
@@ -83,11 +69,6 @@ def _register_now_or_later() -> None:
     except ImportError:  # running from a source tree that was never installed
         return
     anomalib_anomalyclip_hook.install()
-
-
-def __dir__() -> list[str]:
-    """List module attributes, including the lazily imported public names."""
-    return sorted(set(globals()) | set(__all__))
 
 
 _register_now_or_later()

@@ -7,8 +7,9 @@ so ``anomalib_anomalyclip.data.AuxiliaryDataModule`` resolves (for jsonargparse 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from anomalib_anomalyclip._lazy import lazy_attributes
 
 __all__ = [
     "AuxiliaryDataModule",
@@ -37,27 +38,4 @@ if TYPE_CHECKING:
     from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
 
 
-def __getattr__(name: str) -> Any:
-    """Import public names on first access.
-
-    Args:
-        name: Attribute requested from the package.
-
-    Returns:
-        The requested object.
-
-    Raises:
-        AttributeError: If ``name`` is not a public name of this package.
-    """
-    module_name = _LAZY_ATTRIBUTES.get(name)
-    if module_name is None:
-        msg = f"module {__name__!r} has no attribute {name!r}"
-        raise AttributeError(msg)
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """List module attributes, including the lazily imported public names."""
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(globals(), _LAZY_ATTRIBUTES)
