@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +27,17 @@ TRAIN_CATEGORIES = "[alpha, beta, gamma]"
 HELD_OUT = "delta"
 
 
+def _free_local_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def anomalib_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """Run the installed ``anomalib`` console script."""
     executable = Path(sys.executable).with_name("anomalib")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # A port of its own, so that DDP runs of concurrent test sessions never meet.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_local_port())}
     result = subprocess.run([str(executable), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
     if check and result.returncode != 0:
         pytest.fail(f"anomalib {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
@@ -154,6 +162,8 @@ def test_predict_on_a_folder_writes_visualisations(
     )  # fmt: skip
     written = sorted((workspace / "predict").rglob("*.png"))
     assert len(written) == len(list(folder.glob("*.png")))
+    (table,) = (workspace / "predict").rglob("predictions.csv")  # path, score, decision per image
+    assert len(table.read_text().splitlines()) == 1 + len(written)
 
 
 def test_wrong_prompts_fail_with_a_clear_message(
