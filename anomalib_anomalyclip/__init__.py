@@ -17,35 +17,39 @@ from anomalib_anomalyclip._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
-__all__ = ["AnomalyCLIP", "AnomalyCLIPModel", "AuxiliaryDataModule", "register"]
+__all__ = ["AnomalyCLIP", "AnomalyCLIPModel", "AuxiliaryDataModule", "ExportedAnomalyCLIP", "register"]
 
 # Public name -> module that defines it, resolved lazily by ``__getattr__``.
 _LAZY_ATTRIBUTES: dict[str, str] = {
     "AnomalyCLIP": "anomalib_anomalyclip.lightning_model",
     "AnomalyCLIPModel": "anomalib_anomalyclip.torch_model",
     "AuxiliaryDataModule": "anomalib_anomalyclip.data.auxiliary",
+    "ExportedAnomalyCLIP": "anomalib_anomalyclip.exported_model",
 }
+
+# Our AnomalibModule subclasses, exposed to anomalib by ``register``.
+_ANOMALIB_MODELS = ("AnomalyCLIP", "ExportedAnomalyCLIP")
 
 if TYPE_CHECKING:
     from anomalib_anomalyclip.data.auxiliary import AuxiliaryDataModule
+    from anomalib_anomalyclip.exported_model import ExportedAnomalyCLIP
     from anomalib_anomalyclip.lightning_model import AnomalyCLIP
     from anomalib_anomalyclip.torch_model import AnomalyCLIPModel
 
 
 def register() -> None:
-    """Make ``AnomalyCLIP`` known to anomalib by its short name.
+    """Make ``AnomalyCLIP`` (and ``ExportedAnomalyCLIP``) known to anomalib by short name.
 
-    Imports the Lightning model (so that it is a subclass of ``AnomalibModule`` that the
-    CLI and ``anomalib.models.get_model`` can find) and exposes it as
-    ``anomalib.models.AnomalyCLIP``. Called automatically by the import hook that the
-    package installs; calling it again does nothing.
+    Imports the Lightning models (so that they are subclasses of ``AnomalibModule`` that
+    the CLI and ``anomalib.models.get_model`` can find) and exposes them as
+    ``anomalib.models.AnomalyCLIP`` and ``anomalib.models.ExportedAnomalyCLIP``. Called
+    automatically by the import hook that the package installs; calling it again does nothing.
     """
-    module = sys.modules.get("anomalib_anomalyclip.lightning_model")
-    if module is not None and not hasattr(module, "AnomalyCLIP"):
-        return  # being imported right now: it exposes itself when it is complete
-    from anomalib_anomalyclip.lightning_model import AnomalyCLIP
-
-    expose_in_anomalib(AnomalyCLIP)
+    for name in _ANOMALIB_MODELS:
+        module = sys.modules.get(_LAZY_ATTRIBUTES[name])
+        if module is not None and not hasattr(module, name):
+            continue  # being imported right now: it exposes itself when it is complete
+        expose_in_anomalib(getattr(importlib.import_module(_LAZY_ATTRIBUTES[name]), name))
 
 
 def expose_in_anomalib(model_class: type) -> None:

@@ -73,6 +73,12 @@ class DualPathVisualEncoder(nn.Module):
         """Patch grid (rows, columns) for an input of ``image_size`` (height, width)."""
         return image_size[0] // self.patch_size[0], image_size[1] // self.patch_size[1]
 
+    @property
+    def output_dim(self) -> int:
+        """Size D of the global embedding and of the projected patch tokens."""
+        proj = self.visual.proj
+        return int(self.visual.class_embedding.shape[-1] if proj is None else proj.shape[1])
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Encode a normalised image batch.
 
@@ -137,7 +143,8 @@ class DualPathVisualEncoder(nn.Module):
         attn = block.attn
         qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
         batch, length, _ = qkv.shape
-        qkv = qkv.reshape(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        # One copy into (3, B, heads, L, head_dim): contiguous q, k, v make the fused attention faster on CPU.
+        qkv = qkv.reshape(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).contiguous()
         return qkv[0], qkv[1], qkv[2]
 
     def _attend(self, block: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -25,24 +25,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from anomalib import LearningType
-from anomalib.data import Batch
+from anomalib.data import AnomalibDataModule, Batch
+from anomalib.deploy.export import CompressionType
 from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Max
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
-from anomalib.visualization import Visualizer
-from lightning.pytorch import LightningModule, Trainer
+from anomalib.visualization import ImageVisualizer, Visualizer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
 from . import expose_in_anomalib
+from .callbacks import ConvertingImageVisualizer, model_callbacks
 from .data.auxiliary import has_pixel_mask
 from .dpam import DpamKind
+from .errors import explain_setup_errors
+from .export import EXPORT_OPSET, check_openvino_export, inference_model_in_place
+from .feature_cache import FeatureCache, check_storage_dtype, training_feature_cache, visual_features
 from .loss import GlocalLoss, LossVariant
 from .prompts import AGNOSTIC_OBJECT, PromptCheckpointError, PromptType, prompts_of_lightning_checkpoint
 from .torch_model import AnomalyCLIPModel
@@ -145,6 +151,14 @@ class AnomalyCLIP(AnomalibModule):
         seed: seed of the prompts' initialisation (anomalib's CLI does not apply
             ``--seed_everything``; the auxiliary datamodule's ``seed`` fixes the batch order).
         cache_dir: open_clip's download cache for ``pretrained`` tags.
+        feature_cache: compute the frozen visual features of each training image once and
+            reuse them in later epochs (see :mod:`anomalib_anomalyclip.feature_cache`).
+            Switched off automatically for randomly augmented training images.
+        feature_cache_dir: folder for a persistent, memory-mapped feature cache that later
+            runs with the same features reuse. ``None``: in memory when it fits, else in a
+            temporary folder below the trainer's ``default_root_dir``.
+        feature_cache_dtype: storage precision of the cache: ``float32`` (the features exactly
+            as computed) or ``float16`` (half the size, slightly different prompts).
         pre_processor: anomalib pre-processor, or ``True`` for resize + CLIP normalisation.
         post_processor: anomalib post-processor, or ``True`` for the default.
         evaluator: anomalib evaluator, or ``True`` for image AUROC/AP/F1-max and pixel
@@ -152,6 +166,7 @@ class AnomalyCLIP(AnomalibModule):
         visualizer: anomalib visualizer, or ``True`` for the default.
     """
 
+    @explain_setup_errors
     def __init__(
         self,
         backbone: str = "ViT-L-14-336",
@@ -176,11 +191,15 @@ class AnomalyCLIP(AnomalibModule):
         epochs: int = 15,
         seed: int | None = 111,
         cache_dir: str | None = None,
+        feature_cache: bool = True,
+        feature_cache_dir: str | None = None,
+        feature_cache_dtype: str = "float32",
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        check_storage_dtype(feature_cache_dtype)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor((image_size, image_size))
         super().__init__(
@@ -212,6 +231,7 @@ class AnomalyCLIP(AnomalibModule):
         self.class_name = class_name
         self.learns_prompts = prompt_weights is None if train_prompts is None else train_prompts
         self.prompts_ready = weights_file is not None
+        self._feature_cache: FeatureCache | None = None
         if isinstance(self.post_processor, ProbabilityPostProcessor):
             self.post_processor.set_probability_scale(len(self.model.feature_layers))
         # The frozen CLIP is not stored in checkpoints (see on_save_checkpoint).
@@ -253,6 +273,11 @@ class AnomalyCLIP(AnomalibModule):
         ]
         return Evaluator(test_metrics=test_metrics)
 
+    @classmethod
+    def configure_visualizer(cls) -> ImageVisualizer:
+        """The image visualiser, drawing overlays on the images as this package converts them (16-bit, alpha)."""
+        return ConvertingImageVisualizer()
+
     @property
     def learning_type(self) -> LearningType:
         """``ONE_CLASS`` (anomalib's "needs fitting") while prompts are to be learned, else ``ZERO_SHOT``."""
@@ -269,6 +294,10 @@ class AnomalyCLIP(AnomalibModule):
     def checkpoint_safe_globals(cls) -> Sequence[Any]:
         """Enums that may appear in saved hyper-parameters."""
         return (DpamKind, PromptType, LossVariant)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The components' callbacks, then the input check and the predictions CSV (see :mod:`.callbacks`)."""
+        return [*super().configure_callbacks(), *model_callbacks()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """Adam over the prompt parameters only (about 43 K numbers for ViT-L/14@336)."""
@@ -300,8 +329,23 @@ class AnomalyCLIP(AnomalibModule):
             _check_training_data(self.trainer.datamodule)
         self.prompts_ready = True
 
+    def on_train_start(self) -> None:
+        """Open the feature cache of the training images (unless switched off)."""
+        if self.learns_prompts and self.hparams.feature_cache:
+            self._feature_cache = training_feature_cache(
+                self.trainer, self, self.hparams.feature_cache_dir, self.hparams.feature_cache_dtype
+            )
+
+    def on_train_epoch_start(self) -> None:
+        """Share and log the feature cache's fill and reuse of the previous epoch (see ``FeatureCache.begin_epoch``)."""
+        if self._feature_cache is not None:
+            self._feature_cache.begin_epoch()
+
     def on_train_end(self) -> None:
-        """From now on the prompts are fixed: further runs are zero-shot."""
+        """Release the feature cache. From now on the prompts are fixed: further runs are zero-shot."""
+        if self._feature_cache is not None:
+            self._feature_cache.close()
+            self._feature_cache = None
         self.learns_prompts = False
 
     def on_validation_start(self) -> None:
@@ -316,10 +360,47 @@ class AnomalyCLIP(AnomalibModule):
         """Refuse to predict with prompts that were never trained or loaded."""
         self._require_prompts()
 
+    def to_torch(self, export_root: str | Path, model_file_name: str = "model") -> Path:
+        """Save the inference path for ``TorchInferencer`` (see :mod:`anomalib_anomalyclip.export`)."""
+        self._require_prompts()
+        with inference_model_in_place(self):
+            return super().to_torch(export_root, model_file_name)
+
+    def to_onnx(
+        self,
+        export_root: str | Path,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs,
+    ) -> Path:
+        """One ONNX graph from image to score and map, with the text embeddings baked in (no text encoder).
+
+        Also the first step of ``to_openvino``. Defaults to ONNX opset 18.
+        """
+        self._require_prompts()
+        kwargs.setdefault("opset_version", EXPORT_OPSET)
+        with inference_model_in_place(self):
+            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+
+    def to_openvino(
+        self,
+        export_root: str | Path,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        compression_type: CompressionType | None = None,
+        datamodule: AnomalibDataModule | None = None,
+        **kwargs,
+    ) -> Path:
+        """OpenVINO export (anomalib's, of the ONNX graph); fails early with a clear message when it cannot run."""
+        check_openvino_export(compression_type, datamodule)
+        return super().to_openvino(export_root, model_file_name, input_size, compression_type, datamodule, **kwargs)
+
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One step of prompt learning with the glocal loss."""
         del args, kwargs
-        outputs = self.model.training_outputs(batch.image, self._class_names(batch))
+        paths = getattr(batch, "image_path", None)
+        features = visual_features(self.model.visual_encoder, batch.image, paths, self._feature_cache)
+        outputs = self.model.outputs_from_features(*features, batch.image.shape[-2:], self._class_names(batch))
         masks, has_mask = _masks_and_presence(batch)
         terms = self.loss(outputs.image_logits, batch.gt_label, outputs.layer_probabilities, masks, has_mask)
         for name, value in terms.items():

@@ -26,8 +26,9 @@ from torch import nn
 
 from .backbone import load_clip
 from .dpam import DpamKind, DualPathVisualEncoder
+from .inference_model import AnomalyCLIPInferenceModel, score_images
 from .prompts import AGNOSTIC_OBJECT, PromptConfig, PromptLearner, PromptTextEncoder, PromptType
-from .scoring import GaussianSmoothing, image_scores, patch_probability_maps, similarity_logits, summed_anomaly_map
+from .scoring import GaussianSmoothing, patch_probability_maps, similarity_logits
 
 
 class TrainingOutput(NamedTuple):
@@ -154,12 +155,15 @@ class AnomalyCLIPModel(nn.Module):
         """
         if self.training:
             return self.training_outputs(images, class_names)
-        global_embedding, patch_tokens = self.visual_encoder(images)
-        text_features = self.inference_text_features()
-        size = images.shape[-2:]
-        grid = self.visual_encoder.grid_size(size)
-        anomaly_map = self.smoothing(summed_anomaly_map(patch_tokens, text_features, grid, size))
-        return InferenceBatch(pred_score=image_scores(global_embedding, text_features), anomaly_map=anomaly_map)
+        return score_images(self.visual_encoder, self.smoothing, images, self.inference_text_features())
+
+    def inference_model(self) -> AnomalyCLIPInferenceModel:
+        """The inference path alone: visual encoder, current text features as constants, smoothing.
+
+        Shares the visual encoder and smoothing with this model; holds no prompts and no
+        text encoder. This is what gets exported.
+        """
+        return AnomalyCLIPInferenceModel(self.visual_encoder, self.inference_text_features(), self.smoothing)
 
     def training_outputs(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> TrainingOutput:
         """Image logits and per-layer probability maps, differentiable w.r.t. the prompts."""

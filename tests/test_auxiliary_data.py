@@ -18,6 +18,7 @@ from PIL import Image
 from torchvision.transforms.v2 import Resize
 
 from anomalib_anomalyclip.data import AuxiliaryDataModule, AuxiliaryDataset, has_pixel_mask
+from anomalib_anomalyclip.data.auxiliary import SourceSpec, collect_samples
 from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -390,10 +391,12 @@ def test_size_mismatched_mask_is_an_error_not_resized(tmp_path: Path) -> None:
     root = _make_mvtec(tmp_path / "data", categories=("alpha",))
     mask_path = root / "alpha" / "ground_truth" / "blob" / "000_mask.png"
     Image.new("L", (20, 24), 255).save(mask_path)
-    datamodule = _setup(root=root)
-    dataset = datamodule.train_data
+    message = r"Mask .*000_mask.png is 20x24 \(WxH\) but its image .*000.png is 32x32"
+    with pytest.raises(ValueError, match=message):  # the datamodule checks every mask before training
+        _setup(root=root)
+    dataset = AuxiliaryDataset(collect_samples([SourceSpec.from_mapping({"format": "mvtec", "root": str(root)})]))
     index = int(np.flatnonzero((dataset.samples["mask_path"] == str(mask_path)).to_numpy())[0])
-    with pytest.raises(ValueError, match=r"Mask .*000_mask.png is 20x24 \(WxH\) but its image .*000.png is 32x32"):
+    with pytest.raises(ValueError, match=message):  # and so does the dataset when it loads the item
         dataset[index]
     dataset[(index + 1) % len(dataset)]  # the other items still load
 

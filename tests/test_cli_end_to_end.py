@@ -209,7 +209,7 @@ def test_shipped_configs_parse(workspace: Path, subcommand: str, config: str) ->
 
 
 def test_ddp_fit_with_two_cpu_processes(workspace: Path, tiny_clip_path: Path) -> None:
-    anomalib_cli(
+    result = anomalib_cli(
         "fit",
         *_model_args(tiny_clip_path),
         "--model.epochs", "2",
@@ -226,3 +226,8 @@ def test_ddp_fit_with_two_cpu_processes(workspace: Path, tiny_clip_path: Path) -
     assert list((workspace / "ddp").rglob("model.ckpt"))
     losses = [float(row["train_loss"]) for row in _read_metrics(workspace / "ddp_logs") if row.get("train_loss")]
     assert len(losses) == 2
+    # Both ranks share one feature cache: the second epoch reads what either rank computed in the first.
+    output = result.stdout + result.stderr
+    assert "shared by 2 processes" in output
+    assert "Feature cache, epoch 2: 36 hits, 0 misses" in output
+    assert not list((workspace / "ddp").rglob("feature_cache"))  # the temporary cache is removed

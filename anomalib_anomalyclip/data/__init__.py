@@ -1,4 +1,4 @@
-"""Data for AnomalyCLIP: the auxiliary labelled datamodule and a synthetic MVTec-layout generator.
+"""Data for AnomalyCLIP: the auxiliary labelled datamodule, prediction on a folder, image reading, synthetic data.
 
 Importing this package is cheap: anomalib, torch and numpy are imported only when a public name is first accessed,
 so ``anomalib_anomalyclip.data.AuxiliaryDataModule`` resolves (for jsonargparse and anomalib's CLI) without making
@@ -14,9 +14,14 @@ from anomalib_anomalyclip._lazy import lazy_attributes
 __all__ = [
     "AuxiliaryDataModule",
     "AuxiliaryDataset",
+    "BadImageError",
+    "ImageFolderDataset",
+    "PredictFolder",
     "collate_auxiliary",
     "has_pixel_mask",
     "make_mvtec_like_dataset",
+    "read_image",
+    "read_mask",
 ]
 
 # Public name -> module that defines it, resolved lazily by ``__getattr__``.
@@ -26,6 +31,11 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "collate_auxiliary": "anomalib_anomalyclip.data.auxiliary",
     "has_pixel_mask": "anomalib_anomalyclip.data.auxiliary",
     "make_mvtec_like_dataset": "anomalib_anomalyclip.data.synthetic",
+    "BadImageError": "anomalib_anomalyclip.data.images",
+    "read_image": "anomalib_anomalyclip.data.images",
+    "read_mask": "anomalib_anomalyclip.data.images",
+    "ImageFolderDataset": "anomalib_anomalyclip.data.predict",
+    "PredictFolder": "anomalib_anomalyclip.data.predict",
 }
 
 if TYPE_CHECKING:
@@ -35,6 +45,8 @@ if TYPE_CHECKING:
         collate_auxiliary,
         has_pixel_mask,
     )
+    from anomalib_anomalyclip.data.images import BadImageError, read_image, read_mask
+    from anomalib_anomalyclip.data.predict import ImageFolderDataset, PredictFolder
     from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
 
 

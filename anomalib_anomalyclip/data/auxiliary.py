@@ -57,11 +57,13 @@ import torch
 from anomalib.data.dataclasses import ImageBatch, ImageItem
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
-from anomalib.data.utils import LabelName, read_image, read_mask
+from anomalib.data.utils import LabelName
 from pandas import DataFrame
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Transform
 from torchvision.tv_tensors import Mask
+
+from .images import IMAGE_EXTENSIONS, BadImageError, check_files, image_size, read_image, read_mask
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -69,6 +71,7 @@ __all__ = [
     "AuxiliaryDataModule",
     "AuxiliaryDataset",
     "SourceSpec",
+    "check_sample_files",
     "collate_auxiliary",
     "collect_samples",
     "has_pixel_mask",
@@ -78,7 +81,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SOURCE_FORMATS: tuple[str, ...] = ("mvtec", "visa", "folder")
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NORMAL_LABEL = "good"
 SAMPLE_COLUMNS: tuple[str, ...] = (
     "path",
@@ -511,6 +513,40 @@ def collect_samples(specs: Sequence[SourceSpec]) -> DataFrame:
     return samples
 
 
+def _mask_size_message(image_path: str, mask_path: str, image_wh: Sequence[int], mask_wh: Sequence[int]) -> str:
+    return (
+        f"Mask {mask_path} is {mask_wh[0]}x{mask_wh[1]} (WxH) but its image {image_path} is "
+        f"{image_wh[0]}x{image_wh[1]}. Masks are never resized silently: fix or regenerate the mask so that it "
+        "matches its image."
+    )
+
+
+def _sample_problem(paths: tuple[str, str]) -> str | None:
+    """What is wrong with a labelled image and its mask (``""``: none), from their headers; ``None`` if nothing."""
+    image_path, mask_path = paths
+    try:
+        image_wh = image_size(image_path)
+        mask_wh = image_size(mask_path) if mask_path else image_wh
+    except BadImageError as error:
+        return str(error)
+    return None if mask_wh == image_wh else _mask_size_message(image_path, mask_path, image_wh, mask_wh)
+
+
+def check_sample_files(samples: DataFrame) -> None:
+    """Check that every image and mask can be opened and every mask has its image's size.
+
+    Only the file headers are read, so this is fast; all problems are listed in one error before training starts.
+
+    Args:
+        samples: Samples table as made by :func:`collect_samples`.
+
+    Raises:
+        BadImageError: If a file is not a readable image or a mask's size differs from its image's.
+    """
+    pairs = zip(samples["image_path"], samples["mask_path"], strict=True)
+    check_files(pairs, _sample_problem, what="labelled images of AuxiliaryDataModule")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Dataset and batches
 # --------------------------------------------------------------------------------------------------------------------
@@ -563,8 +599,11 @@ class AuxiliaryDataset(AnomalibDataset):
     Items are :class:`~anomalib.data.ImageItem` exactly as anomalib's datasets make them: ``image`` float in
     ``[0, 1]`` (C, H, W), ``gt_label`` (0 normal, 1 anomalous), ``gt_mask`` (H, W), ``image_path``, ``mask_path``
     (``None`` at item level when there is no mask file; use :func:`collate_auxiliary` for batches). ``gt_mask`` is all
-    zeros for normal images and for anomalous images without a mask. A mask whose size differs from its image's
-    raises :class:`ValueError` when the item is loaded: masks are never resized silently.
+    zeros for normal images and for anomalous images without a mask. Images are read with
+    :func:`~anomalib_anomalyclip.data.images.read_image` (16-bit, grayscale and transparent images converted
+    deliberately). A mask whose size differs from its image's raises :class:`BadImageError` (a ``ValueError``) when
+    the item is loaded: masks are never resized silently. :class:`AuxiliaryDataModule` checks every file before
+    training.
 
     Args:
         samples: Samples table as made by :func:`collect_samples` (columns :data:`SAMPLE_COLUMNS`).
@@ -597,10 +636,11 @@ class AuxiliaryDataset(AnomalibDataset):
             The item.
 
         Raises:
-            ValueError: If the image's mask does not have the image's size.
+            BadImageError: If the image or its mask cannot be read, or the mask does not have the image's size
+                (a ``ValueError``).
         """
         row = self.samples.iloc[index]
-        image = read_image(row.image_path, as_tensor=True)
+        image = read_image(row.image_path)
         gt_mask = self._load_mask(row.image_path, row.mask_path, int(row.label_index), tuple(image.shape[-2:]))
         if self.augmentations:
             image, gt_mask = self.augmentations(image, gt_mask)
@@ -617,14 +657,9 @@ class AuxiliaryDataset(AnomalibDataset):
         """The image's mask, all zeros for normal images and for anomalous images without a mask file."""
         if label_index == LabelName.NORMAL or not mask_path:
             return Mask(torch.zeros(size, dtype=torch.uint8))
-        mask = read_mask(mask_path, as_tensor=True)
+        mask = read_mask(mask_path)
         if tuple(mask.shape[-2:]) != size:
-            msg = (
-                f"Mask {mask_path} is {mask.shape[-1]}x{mask.shape[-2]} (WxH) but its image {image_path} is "
-                f"{size[1]}x{size[0]}. Masks are never resized silently: fix or regenerate the mask so that it "
-                "matches its image."
-            )
-            raise ValueError(msg)
+            raise BadImageError(_mask_size_message(image_path, mask_path, size[::-1], mask.shape[::-1]))
         return mask
 
     @property
@@ -721,9 +756,10 @@ class AuxiliaryDataModule(AnomalibDataModule):
 
     @property
     def samples(self) -> DataFrame:
-        """Every labelled image of every source (scanned on first access)."""
+        """Every labelled image of every source (scanned and checked with :func:`check_sample_files` once)."""
         if self._labelled is None:
             self._labelled = collect_samples(self.sources)
+            check_sample_files(self._labelled)
             self._log_summary(self._labelled)
         return self._labelled
 

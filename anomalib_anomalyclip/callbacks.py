@@ -1,0 +1,235 @@
+"""Callbacks that :class:`~anomalib_anomalyclip.AnomalyCLIP` adds to every run (see ``configure_callbacks``).
+
+* :class:`AnomalibReaderCheck`: anomalib's own datasets (``MVTecAD``, ``Folder``, ``Visa``... and the
+  ``PredictDataset`` behind ``anomalib predict --data <folder>``) read images with ``Image.open(path).convert("RGB")``,
+  which clips 16-bit images to white and drops transparency without an error. Before such a dataset is read, every
+  file is checked and the run stops with one error that lists the files and the fix, instead of scoring wrong
+  pixels. This package's own datasets read with :func:`anomalib_anomalyclip.data.images.read_image` and are skipped.
+* :class:`PredictionCsvWriter`: ``anomalib predict`` writes ``predictions.csv`` (columns ``path``, ``score``,
+  ``decision``) into the run's results folder, next to the ``images/`` folder of overlays.
+
+:class:`ConvertingImageVisualizer`, the model's default visualiser, draws the overlays on the images as
+:func:`~anomalib_anomalyclip.data.images.read_image` converts them (anomalib's visualiser re-reads them with PIL's
+plain RGB conversion, which shows a 16-bit image as white).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import IO, Any
+
+from anomalib.data import PredictDataset
+from anomalib.data.datasets.base.image import AnomalibDataset
+from anomalib.utils.path import generate_output_filename
+from anomalib.visualization import ImageVisualizer
+from anomalib.visualization.image.item_visualizer import visualize_image_item
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2.functional import resize
+
+from .data.images import anomalib_reader_problem, check_files, read_image
+
+__all__ = ["AnomalibReaderCheck", "ConvertingImageVisualizer", "PredictionCsvWriter", "model_callbacks"]
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_CSV = "predictions.csv"
+CSV_COLUMNS = ("path", "score", "decision")
+
+_READER_FIX = (
+    "anomalib's datasets read images with Image.open(path).convert('RGB'). Convert these files to 8-bit RGB PNG or "
+    "JPEG, or remove the broken ones. To predict on a folder, use --data anomalib_anomalyclip.data.PredictFolder "
+    "--data.path <folder> instead of --data <folder>: it converts 16-bit and transparent images correctly."
+)
+
+
+def model_callbacks() -> list[Callback]:
+    """The callbacks of this module, in the order the model adds them (after anomalib's own components)."""
+    return [AnomalibReaderCheck(), PredictionCsvWriter()]
+
+
+class AnomalibReaderCheck(Callback):
+    """Stop before anomalib's image reader reads a file it would read wrongly, or could not read.
+
+    Files of ``PredictDataset`` (one's own images) are decoded, which also finds truncated files. Files of
+    anomalib's labelled datasets are checked from their headers (fast), decoding only images with an alpha channel.
+    Each file is checked once per run.
+    """
+
+    def __init__(self) -> None:
+        self._checked: set[str] = set()
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Check the validation images."""
+        del pl_module
+        self._check(trainer.val_dataloaders)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Check the test images."""
+        del pl_module
+        self._check(trainer.test_dataloaders)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Check the images to predict on."""
+        del pl_module
+        self._check(trainer.predict_dataloaders)
+
+    def _check(self, dataloaders: Any) -> None:
+        for dataset in _datasets(dataloaders):
+            paths, decode = _files_read_by_anomalib(dataset)
+            paths = [path for path in paths if path not in self._checked]
+            if not paths:
+                continue
+            problem = partial(anomalib_reader_problem, decode=decode)
+            check_files(paths, problem, what=f"images of {type(dataset).__name__}", fix=_READER_FIX)
+            self._checked.update(paths)
+
+
+def _datasets(dataloaders: Any) -> Iterator[Any]:
+    """The datasets of a trainer's dataloaders (one loader, a sequence or a mapping of them)."""
+    if dataloaders is None:
+        return
+    if isinstance(dataloaders, DataLoader):
+        yield dataloaders.dataset
+    elif isinstance(dataloaders, dict):
+        for loader in dataloaders.values():
+            yield from _datasets(loader)
+    elif isinstance(dataloaders, Iterable):
+        for loader in dataloaders:
+            yield from _datasets(loader)
+
+
+def _files_read_by_anomalib(dataset: object) -> tuple[list[str], bool]:
+    """Image files that anomalib's own item loading reads, and whether to decode them when checking."""
+    if isinstance(dataset, PredictDataset) and type(dataset).__getitem__ is PredictDataset.__getitem__:
+        return [str(path) for path in dataset.image_filenames], True
+    if isinstance(dataset, AnomalibDataset) and type(dataset).__getitem__ is AnomalibDataset.__getitem__:
+        return [str(path) for path in dataset.samples["image_path"]], False
+    return [], False
+
+
+class PredictionCsvWriter(Callback):
+    """Write one row per predicted image: ``path`` (absolute), ``score`` and ``decision``.
+
+    ``score`` is anomalib's normalised image score in [0, 1] (``pred_score`` after the post-processor) and
+    ``decision`` is ``anomalous`` or ``normal`` (anomalib's ``pred_label``: the score is above the normalised
+    threshold, 0.5). Rows are written as batches finish, so a stopped run keeps what it predicted. The file is
+    ``<trainer.default_root_dir>/predictions.csv`` (``predictions.rank<N>.csv`` per process with several processes).
+    """
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self._file: IO[str] | None = None
+        self._writer: Any = None
+        self._rows = 0
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Open the CSV file and write its header."""
+        del pl_module
+        name = PREDICTIONS_CSV if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}.csv"
+        self.path = Path(trainer.default_root_dir) / name
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("w", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._file)
+        self._writer.writerow(CSV_COLUMNS)
+        self._rows = 0
+
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Append the batch's rows (the outputs are already normalised and thresholded by the post-processor)."""
+        del trainer, pl_module, batch_idx, dataloader_idx
+        if self._writer is None:
+            return
+        result = outputs if getattr(outputs, "pred_score", None) is not None else batch
+        for path, score, label in _rows(result):
+            self._writer.writerow([path, f"{score:.6f}", label])
+            self._rows += 1
+        self._file.flush()
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Close the file."""
+        del trainer, pl_module
+        if self._close():
+            logger.info("Wrote %d prediction(s) to %s", self._rows, self.path)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Close the file, keeping the rows written so far."""
+        del trainer, pl_module, exception
+        self._close()
+
+    def _close(self) -> bool:
+        if self._file is None:
+            return False
+        self._file.close()
+        self._file = self._writer = None
+        return True
+
+
+def _rows(result: Any) -> Iterator[tuple[str, float, str]]:
+    """``(path, score, decision)`` per image of a post-processed batch."""
+    scores = result.pred_score.detach().float().reshape(-1).cpu().tolist()
+    labels = result.pred_label
+    labels = [None] * len(scores) if labels is None else labels.detach().reshape(-1).cpu().tolist()
+    paths = result.image_path or [""] * len(scores)
+    for path, score, label in zip(paths, scores, labels, strict=True):
+        decision = "" if label is None else ("anomalous" if label else "normal")
+        yield (os.path.abspath(path) if path else ""), score, decision
+
+
+class ConvertingImageVisualizer(ImageVisualizer):
+    """The anomalib image visualiser, drawing each overlay on the image as ``read_image`` converts it.
+
+    anomalib's visualiser loads the background of every overlay from ``image_path`` with PIL's plain RGB conversion,
+    so a 16-bit image (scored correctly) would be shown white. Everything else (fields, sizes, colours, output
+    paths under ``<default_root_dir>/images``) is anomalib's.
+    """
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Save one overlay per image of the batch."""
+        paths = getattr(batch, "image_path", None)
+        if not paths or any(not path for path in paths):  # nothing to re-read: anomalib's own handling
+            super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+            return
+        if self.output_dir is None:
+            self.output_dir = Path(trainer.default_root_dir) / "images"
+        datamodule = getattr(trainer, "datamodule", None)
+        for item in batch:
+            self._save(item, getattr(datamodule, "name", None), getattr(datamodule, "category", None))
+
+    def _save(self, item: Any, dataset_name: str | None, category: str | None) -> None:
+        # At the field size already (anomalib resizes every field to it): a 1-pixel-high image would not convert.
+        width, height = self.field_size
+        image = resize(read_image(item.image_path), [height, width], InterpolationMode.BICUBIC, antialias=True)
+        shown = item.update(in_place=False, image=image.clamp(0, 1), image_path=None)
+        overlay = visualize_image_item(
+            shown,
+            fields=self.fields,
+            overlay_fields=self.overlay_fields,
+            field_size=self.field_size,
+            fields_config=self.fields_config,
+            overlay_fields_config=self.overlay_fields_config,
+            text_config=self.text_config,
+        )
+        if overlay is not None:
+            overlay.save(generate_output_filename(item.image_path, self.output_dir, dataset_name, category))

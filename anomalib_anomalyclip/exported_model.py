@@ -1,0 +1,177 @@
+"""Run an exported AnomalyCLIP with anomalib's ``predict``: images in, visualisations out.
+
+anomalib's CLI takes a model *class* for ``--model``, not a file. This module wraps an
+exported file (OpenVINO ``.xml``, ``.onnx`` or Torch ``.pt``, as written by
+``anomalib export``) in a small anomalib model that runs it through anomalib's own
+inferencers, so that ``anomalib predict`` loads the images, runs the exported graph and
+writes its usual visualisations::
+
+    anomalib predict --model ExportedAnomalyCLIP --model.path weights/openvino/model.xml --data images/
+
+The exported graph holds the whole pipeline (resize, normalisation, model,
+normalisation of the outputs, thresholds), so this wrapper adds no pre- or
+post-processing of its own. Images are fed as read ([0, 1], any size), or resized to
+the graph's input size when it was exported with a fixed ``--input_size``.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_anomalyclip.exported_model import ExportedAnomalyCLIP
+    >>> model = ExportedAnomalyCLIP("weights/openvino/model.xml")  # doctest: +SKIP
+    >>> Engine().predict(model, data_path="images/")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from anomalib import LearningType
+from anomalib.data import Batch, InferenceBatch
+from anomalib.models.components import AnomalibModule
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+
+from . import expose_in_anomalib
+
+__all__ = ["ExportedAnomalyCLIP", "ExportedGraph"]
+
+OPENVINO_SUFFIXES = {".xml", ".onnx"}
+TORCH_SUFFIXES = {".pt", ".pth"}
+OUTPUT_FIELDS = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
+
+
+class ExportedGraph(nn.Module):
+    """An exported model file as a module: (B, 3, H, W) images in [0, 1] to an ``InferenceBatch``.
+
+    Args:
+        path: ``.xml`` (OpenVINO IR) or ``.onnx``, run with ``OpenVINOInferencer``; or
+            ``.pt`` from ``to_torch``, run with ``TorchInferencer`` (unpickling needs
+            ``TRUST_REMOTE_CODE=1``, as anomalib requires).
+        device: OpenVINO device (``CPU``, ``GPU``, ``AUTO``) or torch device (``cpu``,
+            ``cuda``, ``auto``).
+        config: OpenVINO compile options, e.g. ``{"INFERENCE_PRECISION_HINT": "bf16"}``.
+
+    Raises:
+        ValueError: the file type is not one of the above.
+        FileNotFoundError: the file does not exist.
+    """
+
+    def __init__(self, path: str | Path, device: str = "CPU", config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"Exported model '{self.path}' does not exist (expected the file export wrote).")
+        suffix = self.path.suffix.lower()
+        if suffix in OPENVINO_SUFFIXES:
+            from anomalib.deploy import OpenVINOInferencer
+
+            check_precision_hint(device, config)
+            self.inferencer = OpenVINOInferencer(self.path, device=device.upper(), config=config)
+            self.input_size = _static_size(self.inferencer.input_blob.get_partial_shape())
+        elif suffix in TORCH_SUFFIXES:
+            from anomalib.deploy import TorchInferencer
+
+            self.inferencer = TorchInferencer(self.path, device=device.lower())
+            self.input_size = None
+        else:
+            known = ", ".join(sorted(OPENVINO_SUFFIXES | TORCH_SUFFIXES))
+            raise ValueError(f"Unknown exported model type '{self.path.name}': expected one of {known}.")
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """Run the exported graph on (B, 3, H, W) images with values in [0, 1]."""
+        if self.input_size is not None and tuple(images.shape[-2:]) != self.input_size:
+            images = F.interpolate(images, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+        if isinstance(self.inferencer.model, nn.Module):
+            with torch.inference_mode():
+                outputs = self.inferencer.model(images.to(self.inferencer.device))._asdict()
+        else:
+            raw = self.inferencer.model({self.inferencer.input_blob.any_name: images.cpu().numpy()})
+            outputs = {
+                name: torch.from_numpy(np.asarray(value)) for name, value in self.inferencer.post_process(raw).items()
+            }
+        return InferenceBatch(**{name: _to_cpu(outputs.get(name)) for name in OUTPUT_FIELDS})
+
+
+class ExportedAnomalyCLIP(AnomalibModule):
+    """An exported AnomalyCLIP file as an anomalib model, for ``anomalib predict`` (see the module docs).
+
+    Args:
+        path: the exported file (``.xml``, ``.onnx`` or ``.pt``).
+        device: inference device (OpenVINO: ``CPU``/``GPU``/``AUTO``; Torch: ``cpu``/``cuda``/``auto``).
+        config: OpenVINO compile options, e.g. ``{"INFERENCE_PRECISION_HINT": "bf16"}``.
+        visualizer: anomalib visualizer, or ``True`` for the default.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        device: str = "CPU",
+        config: dict[str, Any] | None = None,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(pre_processor=False, post_processor=False, evaluator=False, visualizer=visualizer)
+        self.model = ExportedGraph(path, device, config)
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Nothing to learn: the graph is fixed."""
+        return LearningType.ZERO_SHOT
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No trainer settings of its own."""
+        return {}
+
+    def configure_optimizers(self) -> None:
+        """Nothing to optimise."""
+        return
+
+    def val_dataloader(self) -> list:
+        """No validation: thresholds and normalisation are inside the exported graph."""
+        return []
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score the batch (nothing is collected: thresholds and normalisation are fixed in the graph)."""
+        del args, kwargs
+        return batch.update(**self.model(batch.image)._asdict())
+
+
+def check_precision_hint(device: str, config: dict[str, Any] | None) -> None:
+    """Refuse a bf16 precision hint on a CPU without native bf16.
+
+    OpenVINO accepts the hint there but emulates bf16: on a 2-core AVX-512 CPU without
+    bf16, ViT-L/14@336 at 518 px then took minutes per image instead of seconds, or crashed.
+
+    Raises:
+        ValueError: bf16 was asked for and the CPU has no bf16 support.
+    """
+    hint = str((config or {}).get("INFERENCE_PRECISION_HINT", "")).lower()
+    if hint not in {"bf16", "bfloat16"} or device.upper() != "CPU":
+        return
+    import openvino
+
+    capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" not in capabilities:
+        raise ValueError(
+            f"This CPU has no native bf16 (OpenVINO capabilities: {', '.join(capabilities)}); OpenVINO would emulate "
+            "it, far slower than f32. Leave INFERENCE_PRECISION_HINT at f32 here (or use INT8 for speed)."
+        )
+
+
+def _static_size(shape: Any) -> tuple[int, int] | None:
+    """(H, W) of an OpenVINO input shape when both are static, else ``None``."""
+    height, width = shape[2], shape[3]
+    if height.is_static and width.is_static:
+        return int(height.get_length()), int(width.get_length())
+    return None
+
+
+def _to_cpu(value: torch.Tensor | None) -> torch.Tensor | None:
+    return None if value is None else value.detach().cpu()
+
+
+expose_in_anomalib(ExportedAnomalyCLIP)

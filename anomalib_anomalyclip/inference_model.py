@@ -1,0 +1,75 @@
+"""AnomalyCLIP at inference: the visual path with the two text embeddings as constants.
+
+Once the prompts are fixed, the text side of AnomalyCLIP is a constant pair of
+embeddings (normal, abnormal). :class:`AnomalyCLIPInferenceModel` holds only what
+scoring an image needs: the visual encoder with DPAM, those two embeddings as a
+buffer, and the map smoothing. It is what :class:`anomalib_anomalyclip.AnomalyCLIP`
+exports (ONNX, OpenVINO, Torch), so an exported graph holds no text encoder.
+
+Example:
+    >>> import torch
+    >>> from anomalib_anomalyclip.torch_model import AnomalyCLIPModel
+    >>> full = AnomalyCLIPModel(pretrained="/models/ViT-L-14-336px.pt",
+    ...                         prompt_weights="/models/anomalyclip_visa.pth")  # doctest: +SKIP
+    >>> model = full.inference_model()  # doctest: +SKIP
+    >>> model(torch.randn(1, 3, 518, 518)).anomaly_map.shape  # doctest: +SKIP
+    torch.Size([1, 1, 518, 518])
+"""
+
+from __future__ import annotations
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from .dpam import DualPathVisualEncoder
+from .scoring import GaussianSmoothing, image_scores, summed_anomaly_map
+
+
+def score_images(
+    visual_encoder: DualPathVisualEncoder,
+    smoothing: GaussianSmoothing,
+    images: torch.Tensor,
+    text_features: torch.Tensor,
+) -> InferenceBatch:
+    """Image scores and smoothed anomaly maps of CLIP-normalised images.
+
+    Args:
+        visual_encoder: the dual-path visual encoder.
+        smoothing: the Gaussian smoothing of the maps.
+        images: (B, 3, H, W) CLIP-normalised images.
+        text_features: (1, 2, D) normalised text features, ``[:, 0]`` normal, ``[:, 1]`` abnormal.
+
+    Returns:
+        ``pred_score`` (B,) and ``anomaly_map`` (B, 1, H, W).
+    """
+    global_embedding, patch_tokens = visual_encoder(images)
+    size = (images.shape[-2], images.shape[-1])
+    grid = visual_encoder.grid_size(size)
+    anomaly_map = smoothing(summed_anomaly_map(patch_tokens, text_features, grid, size))
+    return InferenceBatch(pred_score=image_scores(global_embedding, text_features), anomaly_map=anomaly_map)
+
+
+class AnomalyCLIPInferenceModel(nn.Module):
+    """Scores images with fixed text embeddings; no prompts, no text encoder.
+
+    Args:
+        visual_encoder: the dual-path visual encoder (shared, not copied).
+        text_features: (1, 2, D) normalised text features of the fixed prompts; kept as a
+            buffer (a constant of an exported graph).
+        smoothing: the Gaussian smoothing of the maps (shared, not copied).
+    """
+
+    def __init__(
+        self, visual_encoder: DualPathVisualEncoder, text_features: torch.Tensor, smoothing: GaussianSmoothing
+    ) -> None:
+        super().__init__()
+        if text_features.dim() != 3 or text_features.shape[:2] != (1, 2):
+            raise ValueError(f"Expected text features of shape (1, 2, D), got {tuple(text_features.shape)}.")
+        self.visual_encoder = visual_encoder
+        self.smoothing = smoothing
+        self.register_buffer("text_features", text_features.detach().clone())
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """Score a batch of CLIP-normalised images (B, 3, H, W); see :func:`score_images`."""
+        return score_images(self.visual_encoder, self.smoothing, images, self.text_features)
