@@ -212,7 +212,7 @@ def test_setup_errors_are_logged_plainly(
     assert any("does not fit this model" in record.getMessage() for record in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.ERROR), pytest.raises(WeightsUnavailableError):
-        AnomalyCLIP(pretrained="openai", prompt_weights=str(prompt_file))  # offline: HF_HUB_OFFLINE=1, empty cache
+        AnomalyCLIP(pretrained="openai", prompt_weights=str(prompt_file))  # offline-ok: HF_HUB_OFFLINE=1, empty cache
     (record,) = [record for record in caplog.records if record.name == "anomalib_anomalyclip.errors"]
     assert "--model.pretrained" in record.getMessage()
 
