@@ -14,7 +14,14 @@ process on the same images, one image per call after one warm-up call:
   options (FP16 weights; INT8 weights; INT8 post-training quantisation calibrated on
   synthetic MVTec-format images);
 * ``clip-visual-fp32``: open_clip's plain visual forward at the same size (no DPAM, no
-  scoring), a yardstick that relates the figures to plain CLIP measured in the same run.
+  scoring), a yardstick that relates the figures to plain CLIP measured in the same run;
+* ``reference-fp32`` (with ``--reference-repo``): the reference implementation's own code
+  (a local checkout of github.com/zqhang/AnomalyCLIP, see ``reference_anomalyclip.py``)
+  with the same weights and prompts, doing per image what its ``test.py`` does.
+
+``--device cuda`` runs the PyTorch flavours (eager, ``torch``, plain CLIP, reference) on
+the GPU (bf16: CUDA autocast; timings synchronise the device; peak memory is the CUDA
+allocator's peak).
 
 Every flavour sees the whole pipeline (resize, normalisation, model, post-processing).
 Printed per flavour: seconds per image, images per second, speed-up over eager fp32 of
@@ -26,6 +33,8 @@ Usage::
     python benchmarks/inference.py                          # ViT-L-14-336 at 518 px (many minutes on 2 cores)
     python benchmarks/inference.py --backbone ViT-B-16 --image-size 224 --images 2   # a quick run
     python benchmarks/inference.py --flavours eager-fp32 openvino-fp32 openvino-bf16
+    python benchmarks/inference.py --reference-repo ../AnomalyCLIP --flavours eager-fp32 reference-fp32 openvino-fp32
+    python benchmarks/inference.py --device cuda --images 20 --reference-repo ../AnomalyCLIP
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ class Flavour:
         compression: anomalib compression type for OpenVINO (``FP16``, ``INT8``, ``INT8_PTQ``).
         precision: eager: ``f32`` or ``bf16`` (CPU autocast); OpenVINO: the inference precision hint.
         plain_clip: open_clip's own visual forward instead of AnomalyCLIP (a yardstick, no outputs to compare).
+        reference: the reference implementation's code instead of ours.
     """
 
     name: str
@@ -69,6 +79,12 @@ class Flavour:
     compression: str | None = None
     precision: str = "f32"
     plain_clip: bool = False
+    reference: bool = False
+
+    @property
+    def runs_in_torch(self) -> bool:
+        """Whether PyTorch runs it (so it can run on a CUDA device); OpenVINO runs the others."""
+        return self.export_type in (None, "torch")
 
     @property
     def artifact(self) -> str | None:
@@ -91,9 +107,10 @@ FLAVOURS = {
         Flavour("openvino-int8", export_type="openvino", compression="INT8"),
         Flavour("openvino-int8-ptq", export_type="openvino", compression="INT8_PTQ"),
         Flavour("clip-visual-fp32", plain_clip=True),
+        Flavour("reference-fp32", reference=True),
     )
 }
-REFERENCE = "eager-fp32"
+BASELINE = "eager-fp32"
 SUFFIXES = {"torch": ".pt", "onnx": ".onnx", "openvino": ".xml"}
 
 
@@ -104,14 +121,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=518, help="model input side in pixels")
     parser.add_argument("--images", type=int, default=3, help="timed images per flavour (after one warm-up)")
     parser.add_argument("--calibration-images", type=int, default=8, help="images for INT8 post-training quantisation")
-    parser.add_argument("--flavours", nargs="+", choices=sorted(FLAVOURS), default=list(FLAVOURS))
+    parser.add_argument("--flavours", nargs="+", choices=sorted(FLAVOURS), default=None, help="default: all that apply")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the PyTorch flavours run")
+    parser.add_argument("--reference-repo", type=Path, default=None, help="checkout of zqhang/AnomalyCLIP")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep exports and results here (default: temp)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
     parser.add_argument("--run-flavour", choices=sorted(FLAVOURS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if REFERENCE not in args.flavours:
-        args.flavours = [REFERENCE, *args.flavours]
+    if args.flavours is None:
+        args.flavours = [name for name, flavour in FLAVOURS.items() if _applies(flavour, args)]
+    for name in args.flavours:
+        if FLAVOURS[name].reference and args.reference_repo is None:
+            parser.error(f"{name} needs --reference-repo (a checkout of github.com/zqhang/AnomalyCLIP)")
+        if args.device == "cuda" and not FLAVOURS[name].runs_in_torch:
+            parser.error(f"{name} runs in OpenVINO on the CPU; leave it out with --device cuda")
+    if args.reference_repo is not None:
+        args.reference_repo = args.reference_repo.resolve()
+    args.flavours = [BASELINE, *(name for name in args.flavours if name != BASELINE)]  # the ratios' baseline first
     return args
+
+
+def _applies(flavour: Flavour, args: argparse.Namespace) -> bool:
+    if flavour.reference and args.reference_repo is None:
+        return False
+    return args.device == "cpu" or flavour.runs_in_torch
 
 
 def build_model(args: argparse.Namespace, work_dir: Path) -> torch.nn.Module:
@@ -179,7 +212,11 @@ def export_all(args: argparse.Namespace, work_dir: Path) -> dict[str, Path]:
         if flavour.artifact in artifacts:
             continue
         start = time.perf_counter()
-        artifacts[flavour.artifact] = export_one(model, flavour, args, work_dir)
+        try:
+            artifacts[flavour.artifact] = export_one(model, flavour, args, work_dir)
+        except Exception as error:  # one failed export must not stop the other flavours
+            print(f"export {flavour.artifact} failed: {type(error).__name__}: {error}", flush=True)
+            continue
         print(f"exported {flavour.artifact} in {time.perf_counter() - start:.0f} s", flush=True)
     del model
     gc.collect()
@@ -217,15 +254,22 @@ def run_flavour(args: argparse.Namespace, work_dir: Path) -> None:
     for image in images[1:]:
         start = time.perf_counter()
         output = predict(image)
+        _synchronise(args.device)
         seconds.append(time.perf_counter() - start)
         if output is not None:
-            scores.append(output.pred_score.float().reshape(-1).numpy())
-            maps.append(output.anomaly_map.float().reshape(-1).numpy())
-    result = {"seconds": seconds, "peak_mb": peak_resident_mb(), "load_seconds": load_seconds}
+            scores.append(output.pred_score.detach().float().cpu().reshape(-1).numpy())
+            maps.append(output.anomaly_map.detach().float().cpu().reshape(-1).numpy())
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else peak_resident_mb()
+    result = {"seconds": seconds, "peak_mb": peak_mb, "load_seconds": load_seconds}
     results_dir = work_dir / "results"
     results_dir.mkdir(exist_ok=True)
     (results_dir / f"{flavour.name}.json").write_text(json.dumps(result))
     np.savez(results_dir / f"{flavour.name}.npz", scores=_joined(scores), maps=_joined(maps))
+
+
+def _synchronise(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def peak_resident_mb() -> float:
@@ -240,20 +284,24 @@ def load_flavour(flavour: Flavour, args: argparse.Namespace, work_dir: Path) -> 
     """A function from a (1, 3, H, W) image to the ``InferenceBatch`` of ``flavour`` (``None`` for plain CLIP)."""
     if flavour.plain_clip:
         return plain_clip_visual(args)
+    if flavour.reference:
+        return reference_implementation(args, work_dir)
+    device = torch.device(args.device)
     if flavour.export_type is None:
-        model = build_model(args, work_dir)
+        model = build_model(args, work_dir).to(device)
         dtype = torch.bfloat16 if flavour.precision == "bf16" else torch.float32
 
         def predict(image: torch.Tensor) -> Any:
-            with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                return model(image)
+            autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+            with torch.inference_mode(), autocast:
+                return model(image.to(device))
 
         return predict
     from anomalib_anomalyclip.exported_model import ExportedGraph
 
     path = artifact_path(flavour, work_dir)
     if flavour.export_type == "torch":
-        return ExportedGraph(path, device="cpu")
+        return ExportedGraph(path, device=args.device)
     return ExportedGraph(path, device="CPU", config={"INFERENCE_PRECISION_HINT": flavour.precision})
 
 
@@ -263,12 +311,35 @@ def plain_clip_visual(args: argparse.Namespace) -> Callable[[torch.Tensor], None
 
     torch.manual_seed(MODEL_SEED)
     clip = open_clip.create_model(args.backbone, force_image_size=args.image_size, force_quick_gelu=True)
-    visual = clip.visual.eval()
+    visual = clip.visual.eval().to(args.device)
     del clip
 
     def predict(image: torch.Tensor) -> None:
         with torch.inference_mode():
-            visual(image)
+            visual(image.to(args.device))
+
+    return predict
+
+
+def reference_implementation(args: argparse.Namespace, work_dir: Path) -> Callable[[torch.Tensor], Any]:
+    """The reference code with the weights and prompts of ``build_model`` (same seed, same prompt file)."""
+    import open_clip
+    from anomalib.data import InferenceBatch
+    from reference_anomalyclip import load_reference
+
+    from anomalib_anomalyclip.prompts import read_prompt_checkpoint
+
+    torch.manual_seed(MODEL_SEED)  # the random CLIP of build_model: same seed, same constructor
+    clip = open_clip.create_model(args.backbone, pretrained=None, force_quick_gelu=True)
+    state_dict = clip.state_dict()
+    del clip
+    prompts = read_prompt_checkpoint(prompt_file(args, work_dir))
+    device = torch.device(args.device)
+    score = load_reference(args.reference_repo, state_dict, prompts, args.image_size, device)
+
+    def predict(image: torch.Tensor) -> InferenceBatch:
+        pred_score, anomaly_map = score(image)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     return predict
 
@@ -293,46 +364,38 @@ def spawn(flavour: str, argv: list[str], work_dir: Path) -> dict | None:
     return {**result, "scores": outputs["scores"], "maps": outputs["maps"]}
 
 
-def summarise(results: dict[str, dict]) -> list[dict]:
-    """Per flavour: s/image, images/s, speed-up and agreement with eager fp32."""
-    reference = results[REFERENCE]
-    reference_time = float(np.mean(reference["seconds"]))
-    rows = []
-    for name, result in results.items():
-        per_image = float(np.mean(result["seconds"]))
-        rows.append(
-            {
-                "flavour": name,
-                "seconds_per_image": per_image,
-                "images_per_second": 1 / per_image,
-                "speedup_vs_eager_fp32": reference_time / per_image,
-                "peak_mb": result["peak_mb"],
-                "load_seconds": result["load_seconds"],
-                "max_abs_score_diff": _max_difference(result["scores"], reference["scores"]),
-                "max_abs_map_diff": _max_difference(result["maps"], reference["maps"]),
-            }
-        )
-    return rows
+def summarise(name: str, result: dict, baseline: dict) -> dict:
+    """One flavour's row: s/image, images/s, speed-up and agreement with eager fp32 (``baseline``)."""
+    per_image = float(np.mean(result["seconds"]))
+    return {
+        "flavour": name,
+        "seconds_per_image": per_image,
+        "images_per_second": 1 / per_image,
+        "speedup_vs_eager_fp32": float(np.mean(baseline["seconds"])) / per_image,
+        "peak_mb": result["peak_mb"],
+        "load_seconds": result["load_seconds"],
+        "max_abs_score_diff": _max_difference(result["scores"], baseline["scores"]),
+        "max_abs_map_diff": _max_difference(result["maps"], baseline["maps"]),
+    }
 
 
-def print_table(rows: list[dict], args: argparse.Namespace, reference: dict) -> None:
+def print_table(rows: list[dict], args: argparse.Namespace, baseline: dict) -> None:
     """The results as a text table, with the run's settings."""
-    import openvino
-
     print(
         f"\n{args.backbone} at {args.image_size} px, random weights, {args.images} timed images per flavour, "
-        f"batch 1; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), OpenVINO {openvino.__version__}"
+        f"batch 1; {_processor_name()}, {os.cpu_count()} CPUs; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), OpenVINO {_openvino_version()}; PyTorch flavours on {_device_name(args)}"
     )
     print(
-        f"eager fp32 output range: score {reference['scores'].min():.4f}..{reference['scores'].max():.4f}, "
-        f"map {reference['maps'].min():.4f}..{reference['maps'].max():.4f}"
+        f"eager fp32 output range: score {baseline['scores'].min():.4f}..{baseline['scores'].max():.4f}, "
+        f"map {baseline['maps'].min():.4f}..{baseline['maps'].max():.4f}"
     )
-    header = f"{'flavour':<19}{'s/image':>9}{'images/s':>10}{'vs eager fp32':>15}{'peak MB':>9}{'load s':>8}"
+    memory = "GPU MB" if args.device == "cuda" else "peak MB"
+    header = f"{'flavour':<19}{'s/image':>9}{'images/s':>10}{'vs eager fp32':>15}{memory:>9}{'load s':>8}"
     print(header + f"{'max|d score|':>14}{'max|d map|':>12}")
     for row in rows:
         print(
-            f"{row['flavour']:<19}{row['seconds_per_image']:>9.2f}{row['images_per_second']:>10.3f}"
+            f"{row['flavour']:<19}{row['seconds_per_image']:>9.3g}{row['images_per_second']:>10.3g}"
             f"{row['speedup_vs_eager_fp32']:>14.2f}x{row['peak_mb']:>9.0f}{row['load_seconds']:>8.1f}"
             f"{row['max_abs_score_diff']:>14.2e}{row['max_abs_map_diff']:>12.2e}"
         )
@@ -349,19 +412,53 @@ def main(argv: list[str] | None = None) -> None:
         work_dir = (args.work_dir or Path(temporary)).resolve()
         work_dir.mkdir(parents=True, exist_ok=True)
         export_all(args, work_dir)
-        child_argv = _without_option(argv, "--work-dir")
-        results = {}
-        for name in args.flavours:
+        child_argv = _without_option(_without_option(argv, "--work-dir"), "--reference-repo")
+        if args.reference_repo is not None:
+            child_argv += ["--reference-repo", str(args.reference_repo)]
+        results, rows = {}, []
+        for name in args.flavours:  # eager fp32 first: each row is printed (and saved) as soon as it is known
             result = spawn(name, child_argv, work_dir)
-            if result is not None:
-                results[name] = result
-                print(f"{name}: {np.mean(result['seconds']):.2f} s/image", flush=True)
-        if REFERENCE not in results:
+            if result is None:
+                continue
+            if BASELINE not in results and name != BASELINE:
+                raise SystemExit("eager fp32 failed; no ratios to print.")  # it runs first
+            results[name] = result
+            rows.append(summarise(name, result, results[BASELINE]))
+            print(_progress_line(rows[-1]), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=2))
+        if BASELINE not in results:
             raise SystemExit("eager fp32 failed; no ratios to print.")
-        rows = summarise(results)
-        print_table(rows, args, results[REFERENCE])
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=2))
+        print_table(rows, args, results[BASELINE])
+
+
+def _progress_line(row: dict) -> str:
+    return (
+        f"{row['flavour']}: {row['seconds_per_image']:.3g} s/image, {row['speedup_vs_eager_fp32']:.2f}x eager fp32, "
+        f"max |d score| {row['max_abs_score_diff']:.2e}, max |d map| {row['max_abs_map_diff']:.2e}"
+    )
+
+
+def _processor_name() -> str:
+    """The CPU's model name (``platform.processor()`` is empty on most Linux systems)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _openvino_version() -> str:
+    try:
+        import openvino
+    except ImportError:
+        return "not installed"
+    return openvino.__version__
+
+
+def _device_name(args: argparse.Namespace) -> str:
+    return torch.cuda.get_device_name() if args.device == "cuda" else "the CPU"
 
 
 def _joined(arrays: list[np.ndarray]) -> np.ndarray:
