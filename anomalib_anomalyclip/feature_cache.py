@@ -56,6 +56,12 @@ cache.
 
 The cache assumes that an image path always yields the same pixels: random training
 augmentations (datamodule or pre-processor) switch it off, with a log message.
+
+Validation during ``fit``: :func:`validation_feature_cache` lets the validation pass between
+epochs read the cache when the validation images are pre-processed exactly as the training
+images (AuxiliaryDataModule validates on the training images by default). Validation only
+reads: images the cache does not hold are encoded and not stored, and its reads are not
+counted in the epoch's hits and misses.
 """
 
 from __future__ import annotations
@@ -88,6 +94,7 @@ __all__ = [
     "nondeterministic_transforms",
     "open_feature_cache",
     "training_feature_cache",
+    "validation_feature_cache",
     "visual_features",
     "weights_digest",
 ]
@@ -342,6 +349,8 @@ class FeatureCache:
         checksums: per row the CRC-32 of its bytes, -1 where not filled.
         sync: the processes sharing the storage.
         image_size: (height, width) the features were computed at; other inputs are refused.
+        pre_processing: the ``repr`` of every transform between file and encoder (the key's
+            ``pre_processing``): other data can share the cache only when its transforms match.
     """
 
     def __init__(
@@ -352,9 +361,11 @@ class FeatureCache:
         checksums: np.ndarray,
         sync: RankSync,
         image_size: Sequence[int] | None = None,
+        pre_processing: Sequence[str] | None = None,
     ) -> None:
         self.layout = layout
         self.image_size = tuple(image_size) if image_size else None
+        self.pre_processing = list(pre_processing) if pre_processing is not None else None
         self.image_paths = list(image_paths)
         self._row_of = {path: row for row, path in enumerate(self.image_paths)}
         self._storage: _Storage | None = storage
@@ -365,6 +376,7 @@ class FeatureCache:
         self._sync = sync
         self._counters = _Counters()
         self._in_epoch = False
+        self.validation_refusal_logged = False
 
     @property
     def capacity(self) -> int:
@@ -387,7 +399,7 @@ class FeatureCache:
         return list(self._counters.history)
 
     def features(
-        self, images: torch.Tensor, image_paths: Sequence[str], encoder: VisualEncoder
+        self, images: torch.Tensor, image_paths: Sequence[str], encoder: VisualEncoder, record: bool = True
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The encoder's outputs for a batch: cached rows where available, computed (and stored) otherwise.
 
@@ -395,6 +407,9 @@ class FeatureCache:
             images: (B, 3, H, W) pre-processed images.
             image_paths: their paths, as in ``batch.image_path``.
             encoder: the visual encoder, run under ``torch.no_grad`` on the misses only.
+            record: store what was computed and count the hits and misses in the epoch's
+                figures. Validation reads without recording: with several processes, a row
+                that two of them write in one epoch would be dropped.
 
         Returns:
             The global embedding (B, D) and per feature layer the patch tokens (B, N, D),
@@ -410,9 +425,11 @@ class FeatureCache:
             with torch.no_grad():
                 computed = self.layout.pack(*encoder(selection))
             out[torch.from_numpy(missing).to(out.device)] = computed.to(out.dtype)
-            self._write(rows[missing], computed)
-        self._counters.hits += int(served.sum())
-        self._counters.misses += int(missing.size)
+            if record:
+                self._write(rows[missing], computed)
+        if record:
+            self._counters.hits += int(served.sum())
+            self._counters.misses += int(missing.size)
         return self.layout.unpack(out)
 
     def begin_epoch(self) -> None:
@@ -595,7 +612,8 @@ def open_feature_cache(
         raise ValueError("A feature cache needs at least one training image.")
     if directory is None:
         rows = torch.empty((len(paths), layout.row_numel), dtype=layout.dtype)
-        return FeatureCache(layout, paths, _Storage(rows), np.full(len(paths), -1), sync, key.get("image_size"))
+        storage, checksums = _Storage(rows), np.full(len(paths), -1)
+        return FeatureCache(layout, paths, storage, checksums, sync, key.get("image_size"), key.get("pre_processing"))
     header = {"format": FORMAT_VERSION, "key": key, "layout": asdict(layout), "image_paths": paths}
     folder = Path(directory) / _digest(header)
     if sync.is_main:
@@ -607,7 +625,7 @@ def open_feature_cache(
     memmap = np.memmap(folder / DATA_NAME, dtype=_numpy_dtype(layout), mode="r+", shape=(len(paths), layout.row_numel))
     storage = _Storage(torch.from_numpy(memmap), memmap, folder, temporary)
     checksums = np.asarray(index["checksums"], dtype=np.int64)
-    return FeatureCache(layout, paths, storage, checksums, sync, key.get("image_size"))
+    return FeatureCache(layout, paths, storage, checksums, sync, key.get("image_size"), key.get("pre_processing"))
 
 
 def _digest(header: dict[str, Any]) -> str:
@@ -729,7 +747,7 @@ def training_feature_cache(
     Returns:
         The opened cache, or ``None`` (the reason is logged).
     """
-    dataset = _training_dataset(trainer)
+    dataset = _stage_dataset(trainer, "train_dataloader", "train_data")
     paths, transforms, reason = _cacheable_inputs(dataset, module.pre_processor)
     if reason:
         logger.info("Feature cache off: %s.", reason)
@@ -748,11 +766,44 @@ def training_feature_cache(
     return cache
 
 
-def _training_dataset(trainer: Any) -> Any:
-    loader = getattr(trainer, "train_dataloader", None)
+def validation_feature_cache(trainer: Any, module: Any, cache: FeatureCache | None) -> FeatureCache | None:
+    """The training feature cache, if it may also serve the validation that ``fit`` runs between epochs.
+
+    It may when the validation images are pre-processed exactly as the training images (no
+    random augmentation, the same transforms): then an image path in both sets has the same
+    features. By default :class:`~anomalib_anomalyclip.data.AuxiliaryDataModule` validates on
+    the training images themselves, so after the first epoch validation runs no visual encoder.
+
+    Args:
+        trainer: the Lightning trainer, with its validation data loader set up.
+        module: the :class:`~anomalib_anomalyclip.AnomalyCLIP` module (``pre_processor``).
+        cache: the open training cache, or ``None``.
+
+    Returns:
+        ``cache`` or ``None`` (the reason is logged once per fit).
+    """
+    if cache is None:
+        return None
+    dataset = _stage_dataset(trainer, "val_dataloaders", "val_data")
+    _, transforms, reason = _cacheable_inputs(dataset, module.pre_processor)
+    if not reason and [repr(transform) for transform in transforms] != cache.pre_processing:
+        reason = "the validation images are pre-processed differently from the training images"
+    if reason:
+        if not cache.validation_refusal_logged:
+            logger.info("Feature cache not used for validation: %s.", reason)
+            cache.validation_refusal_logged = True
+        return None
+    return cache
+
+
+def _stage_dataset(trainer: Any, loader_attribute: str, datamodule_attribute: str) -> Any:
+    """The dataset of the trainer's loader (the first, if a list), else the datamodule's dataset attribute."""
+    loader = getattr(trainer, loader_attribute, None)
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
     dataset = getattr(loader, "dataset", None)
     if dataset is None:
-        dataset = getattr(getattr(trainer, "datamodule", None), "train_data", None)
+        dataset = getattr(getattr(trainer, "datamodule", None), datamodule_attribute, None)
     return dataset
 
 

@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from anomalib.data import InferenceBatch
 from torch import nn
@@ -46,6 +48,30 @@ def score_images(
     global_embedding, patch_tokens = visual_encoder(images)
     size = (images.shape[-2], images.shape[-1])
     grid = visual_encoder.grid_size(size)
+    return score_features(global_embedding, patch_tokens, grid, size, smoothing, text_features)
+
+
+def score_features(
+    global_embedding: torch.Tensor,
+    patch_tokens: Sequence[torch.Tensor],
+    grid: tuple[int, int],
+    size: tuple[int, int],
+    smoothing: GaussianSmoothing,
+    text_features: torch.Tensor,
+) -> InferenceBatch:
+    """Image scores and smoothed anomaly maps from the visual encoder's outputs.
+
+    Args:
+        global_embedding: (B, D) global embeddings.
+        patch_tokens: per feature layer, (B, N, D) patch tokens on a ``grid`` of patches.
+        grid: (rows, columns) of patches.
+        size: (H, W) of the maps: the size of the images the features come from.
+        smoothing: the Gaussian smoothing of the maps.
+        text_features: (1, 2, D) normalised text features, ``[:, 0]`` normal, ``[:, 1]`` abnormal.
+
+    Returns:
+        ``pred_score`` (B,) and ``anomaly_map`` (B, 1, H, W).
+    """
     anomaly_map = smoothing(summed_anomaly_map(patch_tokens, text_features, grid, size))
     return InferenceBatch(pred_score=image_scores(global_embedding, text_features), anomaly_map=anomaly_map)
 

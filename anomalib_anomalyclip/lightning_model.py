@@ -48,7 +48,13 @@ from .data.auxiliary import has_pixel_mask
 from .dpam import DpamKind
 from .errors import explain_setup_errors
 from .export import EXPORT_OPSET, check_openvino_export, inference_model_in_place
-from .feature_cache import FeatureCache, check_storage_dtype, training_feature_cache, visual_features
+from .feature_cache import (
+    FeatureCache,
+    check_storage_dtype,
+    training_feature_cache,
+    validation_feature_cache,
+    visual_features,
+)
 from .loss import GlocalLoss, LossVariant
 from .prompts import AGNOSTIC_OBJECT, PromptCheckpointError, PromptType, prompts_of_lightning_checkpoint
 from .torch_model import AnomalyCLIPModel
@@ -232,6 +238,7 @@ class AnomalyCLIP(AnomalibModule):
         self.learns_prompts = prompt_weights is None if train_prompts is None else train_prompts
         self.prompts_ready = weights_file is not None
         self._feature_cache: FeatureCache | None = None
+        self._validation_cache: FeatureCache | None = None
         if isinstance(self.post_processor, ProbabilityPostProcessor):
             self.post_processor.set_probability_scale(len(self.model.feature_layers))
         # The frozen CLIP is not stored in checkpoints (see on_save_checkpoint).
@@ -346,11 +353,13 @@ class AnomalyCLIP(AnomalibModule):
         if self._feature_cache is not None:
             self._feature_cache.close()
             self._feature_cache = None
+        self._validation_cache = None
         self.learns_prompts = False
 
     def on_validation_start(self) -> None:
-        """Refuse to evaluate prompts that were never trained or loaded."""
+        """Refuse to evaluate prompts that were never trained or loaded; serve fit's validation from the cache."""
         self._require_prompts()
+        self._validation_cache = validation_feature_cache(self.trainer, self, self._feature_cache)
 
     def on_test_start(self) -> None:
         """Refuse to evaluate prompts that were never trained or loaded."""
@@ -416,9 +425,17 @@ class AnomalyCLIP(AnomalibModule):
         return terms["loss"]
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Score the batch (anomalib collects normalisation statistics and thresholds)."""
+        """Score the batch (anomalib collects normalisation statistics and thresholds).
+
+        Within ``fit``, images whose features the training cache holds are scored from them.
+        """
         del args, kwargs
-        predictions = self.model(batch.image)
+        paths = getattr(batch, "image_path", None)
+        if self._validation_cache is not None and paths is not None:
+            features = self._validation_cache.features(batch.image, paths, self.model.visual_encoder, record=False)
+            predictions = self.model.scores_from_features(*features, batch.image.shape[-2:])
+        else:
+            predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from torch import nn
 
 from .backbone import load_clip
 from .dpam import DpamKind, DualPathVisualEncoder
-from .inference_model import AnomalyCLIPInferenceModel, score_images
+from .inference_model import AnomalyCLIPInferenceModel, score_features, score_images
 from .prompts import AGNOSTIC_OBJECT, PromptConfig, PromptLearner, PromptTextEncoder, PromptType
 from .scoring import GaussianSmoothing, patch_probability_maps, similarity_logits
 
@@ -156,6 +156,22 @@ class AnomalyCLIPModel(nn.Module):
         if self.training:
             return self.training_outputs(images, class_names)
         return score_images(self.visual_encoder, self.smoothing, images, self.inference_text_features())
+
+    def scores_from_features(
+        self, global_embedding: torch.Tensor, patch_tokens: Sequence[torch.Tensor], size: Sequence[int]
+    ) -> InferenceBatch:
+        """What ``forward`` returns in eval mode, from already computed visual features (e.g. a feature cache).
+
+        Args:
+            global_embedding: (B, D) global embeddings.
+            patch_tokens: per feature layer, (B, N, D) patch tokens.
+            size: (H, W) of the images the features come from.
+        """
+        size = (int(size[0]), int(size[1]))
+        grid = self.visual_encoder.grid_size(size)
+        return score_features(
+            global_embedding, patch_tokens, grid, size, self.smoothing, self.inference_text_features()
+        )
 
     def inference_model(self) -> AnomalyCLIPInferenceModel:
         """The inference path alone: visual encoder, current text features as constants, smoothing.

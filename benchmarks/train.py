@@ -24,6 +24,8 @@ training with another number of torch threads (other kernel blocking, other roun
 prints how much *it* differs from the first.
 
 Validation is off in these runs (``limit_val_batches=0``): it is not prompt training.
+``--validate`` turns it on after every epoch, as ``anomalib fit`` does; the validation
+images are the training images, which the cache also serves.
 
 Usage::
 
@@ -70,6 +72,7 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     parser.add_argument("--cache-dtype", default="float32", choices=("float32", "float16"))
     parser.add_argument("--rounding-floor", action="store_true", help="add an uncached run with other thread count")
+    parser.add_argument("--validate", action="store_true", help="validate after every epoch, as anomalib fit does")
     parser.add_argument("--workdir", type=Path, default=None, help="where data and results go (default: a temp dir)")
     parser.add_argument("--worker", choices=(*MODES, FLOOR), default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -168,7 +171,8 @@ def _train(args: argparse.Namespace, mode: str, model: Any, datamodule: Any) -> 
         accelerator=args.accelerator,
         devices=1,
         max_epochs=_epochs(args, mode),
-        limit_val_batches=0,
+        limit_val_batches=1.0 if args.validate else 0,
+        num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,

@@ -7,14 +7,14 @@ import logging
 import os
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from torchvision.transforms.v2 import Compose, Normalize, RandomHorizontalFlip, Resize
+from torchvision.transforms.v2 import Compose, Grayscale, Normalize, RandomHorizontalFlip, Resize
 
 from anomalib_anomalyclip.data import AuxiliaryDataModule
 from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
@@ -85,15 +85,28 @@ def _assert_same_features(cached: tuple, direct: tuple) -> None:
         torch.testing.assert_close(cached_layer, direct_layer, rtol=1e-4, atol=1e-5)
 
 
-def _fit(tiny_clip_path: Path, data_root: Path, root_dir: Path, **model_args) -> AnomalyCLIP:
+def _fit(
+    tiny_clip_path: Path,
+    data_root: Path,
+    root_dir: Path,
+    validate: bool = False,
+    data_args: dict | None = None,
+    on_model: Callable[[AnomalyCLIP], None] | None = None,
+    **model_args,
+) -> AnomalyCLIP:
     model = AnomalyCLIP(
         pretrained=str(tiny_clip_path), image_size=SIZE, epochs=EPOCHS, evaluator=False, visualizer=False, **model_args
     )
-    datamodule = AuxiliaryDataModule(root=data_root, train_batch_size=4, eval_batch_size=4, num_workers=0, seed=3)
+    if on_model is not None:
+        on_model(model)
+    datamodule = AuxiliaryDataModule(
+        root=data_root, train_batch_size=4, eval_batch_size=4, num_workers=0, seed=3, **(data_args or {})
+    )
     trainer = Trainer(
         accelerator="cpu",
         max_epochs=EPOCHS,
-        limit_val_batches=0,
+        limit_val_batches=1.0 if validate else 0,
+        num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -123,6 +136,44 @@ def test_cached_training_learns_the_prompts_of_uncached_training(
     assert [(entry.hits, entry.misses) for entry in stats] == [(0, 12), (12, 0), (12, 0)]
     assert "12 images x" in caplog.text and "in memory" in caplog.text
     assert cached._feature_cache is None  # released at the end of training
+
+
+def _fit_counting(tiny_clip_path: Path, data_root: Path, root_dir: Path, **kwargs) -> tuple[AnomalyCLIP, int]:
+    """Fit with validation after every epoch; returns the model and how many images its visual encoder saw."""
+    encoded: list[int] = []
+
+    def count_encoded_images(model: AnomalyCLIP) -> None:
+        model.model.visual_encoder.register_forward_hook(lambda module, inputs, output: encoded.append(len(inputs[0])))
+
+    model = _fit(tiny_clip_path, data_root, root_dir, validate=True, on_model=count_encoded_images, **kwargs)
+    return model, sum(encoded)
+
+
+def test_validation_during_fit_is_served_from_the_cache(
+    tiny_clip_path: Path, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    uncached, uncached_images = _fit_counting(tiny_clip_path, data_root, tmp_path / "uncached", feature_cache=False)
+    with caplog.at_level(logging.INFO, logger="anomalib_anomalyclip.feature_cache"):
+        cached, cached_images = _fit_counting(tiny_clip_path, data_root, tmp_path / "cached")
+    # 12 labelled images, trained on and validated on, 3 epochs.
+    assert uncached_images == EPOCHS * (12 + 12)
+    assert cached_images == 12  # the first training epoch only
+    assert [(entry.hits, entry.misses) for entry in _epoch_stats(caplog)] == [(0, 12), (12, 0), (12, 0)]
+    # Validation sets anomalib's thresholds and normalisation: the same from cached features.
+    statistics = cached.post_processor.state_dict()
+    assert torch.isfinite(statistics["_image_threshold"]) and torch.isfinite(statistics["_pixel_threshold"])
+    for name, expected in uncached.post_processor.state_dict().items():
+        torch.testing.assert_close(statistics[name], expected, rtol=0, atol=1e-6, equal_nan=True, msg=name)
+
+
+def test_validation_with_other_pre_processing_runs_the_encoder(
+    tiny_clip_path: Path, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = {"val_augmentations": Compose([Grayscale(num_output_channels=3)])}
+    with caplog.at_level(logging.INFO, logger="anomalib_anomalyclip.feature_cache"):
+        _, encoded_images = _fit_counting(tiny_clip_path, data_root, tmp_path, data_args=other)
+    assert encoded_images == 12 + EPOCHS * 12
+    assert "not used for validation: the validation images are pre-processed differently" in caplog.text
 
 
 def test_persistent_cache_is_reused_by_the_next_run(
