@@ -84,3 +84,14 @@ def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory, tiny_clip_config: T
 
     path = tmp_path_factory.mktemp("tiny_clip") / "tiny_clip_openai.pt"
     return save_openai_state_dict(path, tiny_clip_config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_prompt_path(tmp_path_factory: pytest.TempPathFactory, tiny_clip_config: TinyClipConfig) -> Path:
+    """Seeded, untrained prompts in our checkpoint format for the tiny CLIP's text width."""
+    import torch
+
+    from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
+
+    learner = PromptLearner(PromptConfig(width=tiny_clip_config.text_width), torch.Generator().manual_seed(7))
+    return save_prompts(learner, tmp_path_factory.mktemp("prompts") / "tiny_prompts.pt")

@@ -344,6 +344,49 @@ def test_offline_benchmark_of_anomalyclip_patchcore_and_winclip(
     assert "ETA" in progress
 
 
+def test_anomalyclip_is_built_once_per_dataset_and_scores_as_if_rebuilt(
+    data_root: Path, tiny_clip_path: Path, tiny_prompt_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anomalib_anomalyclip.benchmarking import runner as runner_module
+
+    content = {
+        "output_dir": "unused",
+        "trainer": {"accelerator": "cpu", "devices": 1},
+        "datasets": [
+            {"name": "Synthetic", "class_path": "MVTecAD", "init_args": _datamodule_args(data_root / "target"),
+             "categories": list(CATEGORIES)},
+        ],
+        "models": [
+            {"name": "AnomalyCLIP", "class_path": "AnomalyCLIP",
+             "init_args": {"pretrained": str(tiny_clip_path), "image_size": 56,
+                           "prompt_weights": str(tiny_prompt_path)}},
+        ],
+    }  # fmt: skip
+    builds: list[str] = []
+    build = BenchmarkRunner._build_model_once
+
+    def counting_build(runner: BenchmarkRunner, job: object) -> object:
+        builds.append(job.category)
+        return build(runner, job)
+
+    monkeypatch.setattr(BenchmarkRunner, "_build_model_once", counting_build)
+
+    def run(tmp: str) -> list[JobResult]:
+        return BenchmarkRunner(parse_config({**content, "output_dir": tmp}), stream=io.StringIO()).run()
+
+    reused = run(str(data_root / "out_reused"))
+    assert builds == ["alpha"]
+    monkeypatch.setattr(runner_module, "_is_anomalyclip", lambda model: False)
+    rebuilt = run(str(data_root / "out_rebuilt"))
+    assert builds == ["alpha", "alpha", "beta"]
+
+    assert [result.status for result in reused + rebuilt] == [OK] * 4
+    for again, fresh in zip(reused, rebuilt, strict=True):
+        assert again.category == fresh.category
+        assert again.metrics == pytest.approx(fresh.metrics, abs=1e-6), again.category
+    assert reused[0].metrics != reused[1].metrics  # each category's own data, not the first one's again
+
+
 def test_failures_become_rows_and_a_broken_model_is_built_once(data_root: Path, tmp_path: Path) -> None:
     content = {
         "output_dir": str(tmp_path / "out"),

@@ -3,7 +3,10 @@
 Each evaluation builds a fresh datamodule and model, calls ``Engine.fit`` (fitting for one-class models such as
 PatchCore; a validation pass that collects normalisation and thresholds for zero-shot models) and then tests. Models
 with a ``train`` section learn their prompts once, before any evaluation, and every evaluation of that model loads
-the saved checkpoint through ``prompt_weights``. A failure (missing category folder, weights that cannot be loaded
+the saved checkpoint through ``prompt_weights``. An AnomalyCLIP model is the exception to "fresh": its CLIP weights
+and prompts do not depend on the category, so it is built once per model entry and dataset and reused for the
+following categories (rebuilding reloads about 1 GB of CLIP weights); validation still sets its thresholds anew
+for every category. A failure (missing category folder, weights that cannot be loaded
 offline, out of memory, ...) becomes a failed row with its reason and the rest of the grid still runs; the full
 tracebacks go to ``failures.log`` in the output folder.
 """
@@ -219,6 +222,7 @@ class BenchmarkRunner:
         self.output_dir = Path(config.output_dir)
         self._checkpoints: dict[int, Path] = {}
         self._broken_models: dict[int, str] = {}
+        self._reusable_model: tuple[tuple[int, str], Any] | None = None
 
     def run(self) -> list[JobResult]:
         """Train the models that need it, then evaluate every job.
@@ -288,6 +292,7 @@ class BenchmarkRunner:
         try:
             metrics = self._run_job(job)
         except Exception as error:
+            self._reusable_model = None  # its state after the failure is unknown
             self._record_failure(what, error)
             reason = self._broken_models.get(job.model.index, _reason(error))
             seconds = time.monotonic() - started
@@ -302,7 +307,7 @@ class BenchmarkRunner:
     def _run_job(self, job: Job) -> dict[str, float]:
         _seed(self.config.seed)
         datamodule = self._build_datamodule(job.dataset, job.category)
-        model = self._build_model_once(job)
+        model = self._model_for(job)
         engine = self._engine(self.output_dir / "runs" / _slug(job.model.name))
         engine.fit(model, datamodule=datamodule)
         output = engine.trainer.test(model, datamodule=datamodule, verbose=False)
@@ -317,6 +322,18 @@ class BenchmarkRunner:
         if not dataset.download:
             _check_dataset_folder(dataset, category)
         return instantiate({"class_path": dataset.class_path, "init_args": dataset.init_args}, _DATA_MODULE, **extra)
+
+    def _model_for(self, job: Job) -> Any:
+        """The job's model: AnomalyCLIP is reused from the previous job of the same model entry and dataset."""
+        key = (job.model.index, job.dataset.name)
+        if self._reusable_model is not None and self._reusable_model[0] == key:
+            return self._reusable_model[1]
+        self._reusable_model = None  # at most one kept: the previous entry's CLIP is freed before building
+        _release_memory()
+        model = self._build_model_once(job)
+        if _is_anomalyclip(model):
+            self._reusable_model = (key, model)
+        return model
 
     def _build_model_once(self, job: Job) -> Any:
         """Build the job's model; a model that cannot be built is not tried again for its other categories."""
@@ -401,6 +418,12 @@ def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _is_anomalyclip(model: Any) -> bool:
+    from anomalib_anomalyclip.lightning_model import AnomalyCLIP
+
+    return isinstance(model, AnomalyCLIP)
 
 
 def _register_anomalyclip() -> None:
