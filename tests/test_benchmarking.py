@@ -276,6 +276,16 @@ def _datamodule_args(root: Path) -> dict:
     return {"root": str(root), "train_batch_size": 4, "eval_batch_size": 8, "num_workers": 0}
 
 
+def _target_dataset(data_root: Path) -> dict:
+    """The two-category MVTec-format dataset of ``data_root`` as a benchmark dataset entry."""
+    return {
+        "name": "Synthetic",
+        "class_path": "MVTecAD",
+        "init_args": _datamodule_args(data_root / "target"),
+        "categories": list(CATEGORIES),
+    }
+
+
 def _write_config(path: Path, content: dict) -> Path:
     path.write_text(yaml.safe_dump(content))
     return path
@@ -301,10 +311,7 @@ def test_offline_benchmark_of_anomalyclip_patchcore_and_winclip(
         "output_dir": str(tmp_path / "out"),
         "seed": 0,
         "trainer": {"accelerator": "cpu", "devices": 1},
-        "datasets": [
-            {"name": "Synthetic", "class_path": "MVTecAD", "init_args": _datamodule_args(data_root / "target"),
-             "categories": list(CATEGORIES)},
-        ],
+        "datasets": [_target_dataset(data_root)],
         "models": [
             {"name": "AnomalyCLIP", "class_path": "AnomalyCLIP",
              "init_args": {"pretrained": str(tiny_clip_path), "image_size": 56, "epochs": 1}, "train": {"data": aux}},
@@ -352,10 +359,7 @@ def test_anomalyclip_is_built_once_per_dataset_and_scores_as_if_rebuilt(
     content = {
         "output_dir": "unused",
         "trainer": {"accelerator": "cpu", "devices": 1},
-        "datasets": [
-            {"name": "Synthetic", "class_path": "MVTecAD", "init_args": _datamodule_args(data_root / "target"),
-             "categories": list(CATEGORIES)},
-        ],
+        "datasets": [_target_dataset(data_root)],
         "models": [
             {"name": "AnomalyCLIP", "class_path": "AnomalyCLIP",
              "init_args": {"pretrained": str(tiny_clip_path), "image_size": 56,

@@ -212,14 +212,22 @@ def test_images_outside_the_training_set_are_computed_not_stored(encoder: torch.
         cache.features(torch.zeros(1, 3, 42, 42), image_paths[:1], encoder)
 
 
-def test_disk_cache_survives_reopening(encoder: torch.nn.Module, image_paths: list, tmp_path: Path) -> None:
+def _closed_disk_cache(
+    encoder: torch.nn.Module, image_paths: list, directory: Path
+) -> tuple[torch.Tensor, tuple, FeatureCache]:
+    """Four images, their features computed directly, and a disk cache filled with them and closed."""
     images = _images(4)
     with torch.no_grad():
         direct = encoder(images)
-    cache = _open(encoder, image_paths, tmp_path)
+    cache = _open(encoder, image_paths, directory)
     cache.features(images, image_paths[:4], encoder)
     cache.end_epoch()
     cache.close()
+    return images, direct, cache
+
+
+def test_disk_cache_survives_reopening(encoder: torch.nn.Module, image_paths: list, tmp_path: Path) -> None:
+    images, direct, _ = _closed_disk_cache(encoder, image_paths, tmp_path)
     reopened = _open(encoder, image_paths, tmp_path)
     _assert_same_features(reopened.features(images, image_paths[:4], encoder), direct)
     assert reopened.end_epoch().hits == 4
@@ -275,13 +283,7 @@ def test_foreign_index_in_the_cache_folder_is_not_read(
 def test_corrupted_cache_file_is_detected_and_rebuilt(
     encoder: torch.nn.Module, image_paths: list, tmp_path: Path, damage: str
 ) -> None:
-    images = _images(4)
-    with torch.no_grad():
-        direct = encoder(images)
-    cache = _open(encoder, image_paths, tmp_path)
-    cache.features(images, image_paths[:4], encoder)
-    cache.end_epoch()
-    cache.close()
+    images, direct, cache = _closed_disk_cache(encoder, image_paths, tmp_path)
     data, index = cache.directory / DATA_NAME, cache.directory / INDEX_NAME
     if damage == "flipped bytes":
         with data.open("r+b") as file:
