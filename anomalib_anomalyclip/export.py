@@ -59,7 +59,8 @@ def check_openvino_export(
         datamodule: calibration data for ``INT8_PTQ``/``INT8_ACQ``.
 
     Raises:
-        ExportUnavailableError: OpenVINO or NNCF is not installed, or calibration data is missing.
+        ExportUnavailableError: OpenVINO or NNCF is not installed, calibration data is missing, or
+            INT8_ACQ's accuracy check would get batches of one image.
     """
     if not module_available("openvino"):
         raise ExportUnavailableError(f"OpenVINO export needs the openvino package: {INSTALL_HINT}.")
@@ -73,4 +74,11 @@ def check_openvino_export(
             f"OpenVINO {compression.name} quantisation calibrates on images from a datamodule: pass one "
             "(CLI: --data MVTecAD --data.root ... --data.category ...; Python: Engine.export(..., datamodule=...)). "
             "Use --compression_type FP16 or INT8 (weights only) to compress without data."
+        )
+    if compression is CompressionType.INT8_ACQ and getattr(datamodule, "eval_batch_size", 2) < 2:
+        # anomalib 2.7's accuracy check squeezes the model's outputs, so a batch of one image no longer matches
+        # its labels and the export dies deep inside NNCF with a shape error.
+        raise ExportUnavailableError(
+            "OpenVINO INT8_ACQ checks the accuracy of the quantised model in batches, and anomalib's check fails "
+            "for batches of one image: give the datamodule eval_batch_size >= 2 (CLI: --data.eval_batch_size 8)."
         )

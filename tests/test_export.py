@@ -190,6 +190,17 @@ def test_quantisation_without_data_fails_clearly(model: AnomalyCLIP, tmp_path: P
         model.to_openvino(tmp_path, compression_type=CompressionType.INT8_PTQ)
 
 
+def test_accuracy_controlled_quantisation_refuses_batches_of_one(
+    model: AnomalyCLIP, workspace: Path, tmp_path: Path
+) -> None:
+    from anomalib.data import MVTecAD
+
+    datamodule = MVTecAD(root=workspace / "data", category="alpha", eval_batch_size=1, num_workers=0)
+    with pytest.raises(ExportUnavailableError, match=r"eval_batch_size >= 2"):
+        model.to_openvino(tmp_path, compression_type=CompressionType.INT8_ACQ, datamodule=datamodule)
+    assert not any(tmp_path.rglob("*.xml"))
+
+
 @pytest.mark.slow
 def test_openvino_compression(
     model: AnomalyCLIP, workspace: Path, images: torch.Tensor, eager: dict[str, np.ndarray]
@@ -205,6 +216,9 @@ def test_openvino_compression(
     # Agreement of INT8 with fp32 is measured by benchmarks/inference.py (a tiny random CLIP says little about it).
     assert all(((outputs[name] >= 0) & (outputs[name] <= 1)).all() for name in OUTPUTS)
     assert outputs["anomaly_map"].shape == (2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    datamodule = MVTecAD(root=workspace / "data", category="alpha", eval_batch_size=2, num_workers=0)
+    int8_acq = model.to_openvino(root, "int8_acq", compression_type=CompressionType.INT8_ACQ, datamodule=datamodule)
+    assert _openvino_outputs(int8_acq, images)["anomaly_map"].shape == (2, 1, IMAGE_SIZE, IMAGE_SIZE)
 
 
 @pytest.mark.slow
