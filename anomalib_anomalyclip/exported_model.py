@@ -1,4 +1,4 @@
-"""Run an exported AnomalyCLIP with anomalib's ``predict``: images in, visualisations out.
+"""Run an exported AnomalyCLIP with anomalib's ``predict`` and ``test``: images in, visualisations and metrics out.
 
 anomalib's CLI takes a model *class* for ``--model``, not a file. This module wraps an
 exported file (OpenVINO ``.xml``, ``.onnx`` or Torch ``.pt``, as written by
@@ -12,6 +12,18 @@ The exported graph holds the whole pipeline (resize, normalisation, model,
 normalisation of the outputs, thresholds), so this wrapper adds no pre- or
 post-processing of its own. Images are fed as read ([0, 1], any size), or resized to
 the graph's input size when it was exported with a fixed ``--input_size``.
+
+``anomalib test`` scores an exported file on labelled data with AnomalyCLIP's metrics, e.g.
+to check an INT8 model against the fp32 one on your own images::
+
+    anomalib test --model ExportedAnomalyCLIP --model.path weights/openvino/model.xml \
+        --data MVTecAD --data.root ./datasets/MVTecAD --data.category bottle
+
+The graph's maps come out at its input size. The ground-truth masks are resized to it
+(nearest), as anomalib's pre-processor does for the model itself, so the metrics of an fp32
+export equal those of ``anomalib test --model AnomalyCLIP`` for images at the model's
+``image_size``; for other sizes the pixel metrics differ a little, because the exported
+resize has no anti-aliasing (see docs/deployment.md).
 
 Example:
     >>> from anomalib.engine import Engine
@@ -30,10 +42,13 @@ import torch
 import torch.nn.functional as F
 from anomalib import LearningType
 from anomalib.data import Batch, InferenceBatch
+from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
+from torchvision.transforms.v2.functional import resize
+from torchvision.tv_tensors import Mask
 
 from . import expose_in_anomalib
 
@@ -103,6 +118,7 @@ class ExportedAnomalyCLIP(AnomalibModule):
         path: the exported file (``.xml``, ``.onnx`` or ``.pt``).
         device: inference device (OpenVINO: ``CPU``/``GPU``/``AUTO``; Torch: ``cpu``/``cuda``/``auto``).
         config: OpenVINO compile options, e.g. ``{"INFERENCE_PRECISION_HINT": "bf16"}``.
+        evaluator: anomalib evaluator, ``True`` for AnomalyCLIP's metrics, ``False`` for none.
         visualizer: anomalib visualizer, or ``True`` for the default.
     """
 
@@ -111,10 +127,18 @@ class ExportedAnomalyCLIP(AnomalibModule):
         path: str,
         device: str = "CPU",
         config: dict[str, Any] | None = None,
+        evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        super().__init__(pre_processor=False, post_processor=False, evaluator=False, visualizer=visualizer)
+        super().__init__(pre_processor=False, post_processor=False, evaluator=evaluator, visualizer=visualizer)
         self.model = ExportedGraph(path, device, config)
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """AnomalyCLIP's metrics, so that an export is scored like the model it came from."""
+        from .lightning_model import AnomalyCLIP
+
+        return AnomalyCLIP.configure_evaluator()
 
     @property
     def learning_type(self) -> LearningType:
@@ -139,6 +163,13 @@ class ExportedAnomalyCLIP(AnomalibModule):
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())
 
+    def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score the batch; its ground-truth masks are resized to the maps (for the pixel metrics)."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        gt_mask = masks_at_map_size(batch.gt_mask, predictions.anomaly_map)
+        return batch.update(gt_mask=gt_mask, **predictions._asdict())
+
 
 def check_precision_hint(device: str, config: dict[str, Any] | None) -> None:
     """Refuse a bf16 precision hint on a CPU without native bf16.
@@ -160,6 +191,16 @@ def check_precision_hint(device: str, config: dict[str, Any] | None) -> None:
             f"This CPU has no native bf16 (OpenVINO capabilities: {', '.join(capabilities)}); OpenVINO would emulate "
             "it, far slower than f32. Leave INFERENCE_PRECISION_HINT at f32 here (or use INT8 for speed)."
         )
+
+
+def masks_at_map_size(gt_mask: torch.Tensor | None, anomaly_map: torch.Tensor | None) -> torch.Tensor | None:
+    """``gt_mask`` (B, H, W) resized to the maps' size, as anomalib's pre-processor resizes masks for its models.
+
+    Returns ``gt_mask`` unchanged when there is nothing to match.
+    """
+    if gt_mask is None or anomaly_map is None or gt_mask.shape[-2:] == anomaly_map.shape[-2:]:
+        return gt_mask
+    return resize(Mask(gt_mask), list(anomaly_map.shape[-2:]))
 
 
 def _static_size(shape: Any) -> tuple[int, int] | None:

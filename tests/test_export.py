@@ -177,6 +177,28 @@ def test_predict_with_an_exported_model_writes_visualisations(
     assert predictions[0].anomaly_map.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)
 
 
+def test_exported_model_is_tested_with_the_metrics_of_the_eager_model(
+    clip_path: Path, prompt_path: Path, exported: dict[str, Path], tmp_path: Path
+) -> None:
+    from anomalib.data import MVTecAD
+
+    # Images at the model's input size: the export's plain resize then equals the eager anti-aliased one.
+    make_mvtec_like_dataset(tmp_path / "data", categories=("alpha",), image_size=IMAGE_SIZE, n_test_good=3)
+
+    def test(anomalib_model: object) -> dict[str, float]:
+        datamodule = MVTecAD(root=tmp_path / "data", category="alpha", eval_batch_size=4, num_workers=0)
+        engine = Engine(default_root_dir=tmp_path / "runs", accelerator="cpu", logger=False)
+        (metrics,) = engine.test(anomalib_model, datamodule=datamodule, verbose=False)
+        return metrics
+
+    # A model of its own: testing sets its thresholds, which the module's shared model must keep.
+    eager_metrics = test(AnomalyCLIP(pretrained=str(clip_path), prompt_weights=str(prompt_path), **MODEL_ARGS))
+    exported_metrics = test(ExportedAnomalyCLIP(str(exported["openvino"]), visualizer=False))
+
+    assert set(exported_metrics) == set(eager_metrics) >= {"image_AUROC", "pixel_AUROC", "pixel_AUPRO"}
+    assert exported_metrics == pytest.approx(eager_metrics, abs=1e-4)
+
+
 def test_exported_model_rejects_unknown_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ExportedAnomalyCLIP(str(tmp_path / "model.xml"))
