@@ -44,7 +44,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from process_memory import peak_resident_mb
 
 DATASET_CATEGORY = "bench"
 MODEL_SEED = 0
@@ -272,14 +272,6 @@ def _synchronise(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def peak_resident_mb() -> float:
-    """Peak resident memory of this process since it started (``VmHWM``; ``ru_maxrss`` survives exec on Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: may include the parent's peak
-
-
 def load_flavour(flavour: Flavour, args: argparse.Namespace, work_dir: Path) -> Callable[[torch.Tensor], Any]:
     """A function from a (1, 3, H, W) image to the ``InferenceBatch`` of ``flavour`` (``None`` for plain CLIP)."""
     if flavour.plain_clip:
@@ -323,16 +315,14 @@ def plain_clip_visual(args: argparse.Namespace) -> Callable[[torch.Tensor], None
 
 def reference_implementation(args: argparse.Namespace, work_dir: Path) -> Callable[[torch.Tensor], Any]:
     """The reference code with the weights and prompts of ``build_model`` (same seed, same prompt file)."""
-    import open_clip
     from anomalib.data import InferenceBatch
     from reference_anomalyclip import load_reference
 
+    from anomalib_anomalyclip.backbone import load_clip
     from anomalib_anomalyclip.prompts import read_prompt_checkpoint
 
-    torch.manual_seed(MODEL_SEED)  # the random CLIP of build_model: same seed, same constructor
-    clip = open_clip.create_model(args.backbone, pretrained=None, force_quick_gelu=True)
-    state_dict = clip.state_dict()
-    del clip
+    torch.manual_seed(MODEL_SEED)  # the random CLIP of build_model: same seed, same loader
+    state_dict = load_clip(args.backbone, pretrained=None).state_dict()
     prompts = read_prompt_checkpoint(prompt_file(args, work_dir))
     device = torch.device(args.device)
     score = load_reference(args.reference_repo, state_dict, prompts, args.image_size, device)

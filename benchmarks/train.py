@@ -40,13 +40,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from process_memory import peak_resident_mb
 
 MODES = ("extract", "cached", "uncached")
 FLOOR = "floor"
@@ -81,12 +82,6 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------------------------
 # Worker processes: one measurement each
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports kB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 def _pretrained(args: argparse.Namespace) -> str | None:
@@ -209,13 +204,14 @@ def _worker(args: argparse.Namespace) -> None:
     if args.worker == FLOOR:
         torch.set_num_threads(_floor_threads(torch.get_num_threads()))
     model, datamodule = _build(args, args.worker)
-    built_mb = _peak_rss_mb()
+    built_mb = peak_resident_mb()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     result = (
         _extract(args, model, datamodule) if args.worker == "extract" else _train(args, args.worker, model, datamodule)
     )
-    result.update(mode=args.worker, built_rss_mb=built_mb, peak_rss_mb=_peak_rss_mb(), threads=torch.get_num_threads())
+    peak_mb = peak_resident_mb()
+    result.update(mode=args.worker, built_rss_mb=built_mb, peak_rss_mb=peak_mb, threads=torch.get_num_threads())
     if torch.cuda.is_available():
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 1e6
     print(json.dumps(result))
