@@ -81,6 +81,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .dpam import DualPathVisualEncoder
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -91,6 +93,7 @@ __all__ = [
     "RankSync",
     "cache_key",
     "check_storage_dtype",
+    "input_key",
     "nondeterministic_transforms",
     "open_feature_cache",
     "training_feature_cache",
@@ -150,6 +153,14 @@ class FeatureLayout:
 
     def __post_init__(self) -> None:
         check_storage_dtype(self.dtype_name)
+
+    @classmethod
+    def for_encoder(
+        cls, encoder: DualPathVisualEncoder, image_size: Sequence[int], dtype_name: str = "float32"
+    ) -> FeatureLayout:
+        """The layout of ``encoder``'s outputs for inputs of ``image_size`` (height, width)."""
+        rows, columns = encoder.grid_size(tuple(image_size))
+        return cls(encoder.output_dim, len(encoder.feature_layers), rows * columns, dtype_name)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -230,14 +241,21 @@ def cache_key(
     return {
         "format": FORMAT_VERSION,
         "visual_weights": weights_digest(encoder),
-        "image_size": [int(side) for side in image_size],
+        **input_key(image_size, transforms),
         "dpam_kind": encoder.dpam_kind.value,
         "dpam_start_layer": encoder.dpam_start_layer,
         "feature_layers": list(encoder.feature_layers),
-        "pre_processing": [repr(transform) for transform in transforms],
         "precision": str(precision),
         "device": device_type,
         "torch": torch.__version__,
+    }
+
+
+def input_key(image_size: Sequence[int], transforms: Sequence[object] = ()) -> dict[str, Any]:
+    """The part of :func:`cache_key` that other data sharing the cache is checked against (size, pre-processing)."""
+    return {
+        "image_size": [int(side) for side in image_size],
+        "pre_processing": [repr(transform) for transform in transforms],
     }
 
 
@@ -596,7 +614,8 @@ def open_feature_cache(
     """Open the cache for ``key`` and these images, creating or rebuilding it as needed.
 
     Args:
-        key: what the features depend on (see :func:`cache_key`).
+        key: what the features depend on (see :func:`cache_key`); a cache in memory, which
+            no other run can meet, needs only :func:`input_key`.
         layout: row layout.
         image_paths: the training images (any order; duplicates are ignored).
         directory: parent folder of a memory-mapped cache; ``None`` keeps it in memory.
@@ -754,10 +773,13 @@ def training_feature_cache(
         return None
     encoder = module.model.visual_encoder
     size = (module.model.image_size, module.model.image_size)
-    rows, columns = encoder.grid_size(size)
-    layout = FeatureLayout(encoder.output_dim, len(encoder.feature_layers), rows * columns, dtype_name)
-    key = cache_key(encoder, size, transforms, str(trainer.precision), module.device.type)
+    layout = FeatureLayout.for_encoder(encoder, size, dtype_name)
     location, sync, temporary = _location(trainer, directory, layout.row_bytes * len(set(paths)))
+    # Only a cache on disk can meet features of other weights or settings; hashing ViT-L's weights takes seconds.
+    if location is None:
+        key = input_key(size, transforms)
+    else:
+        key = cache_key(encoder, size, transforms, str(trainer.precision), module.device.type)
     cache = open_feature_cache(key, layout, paths, location, sync, temporary)
     where = "in memory" if cache.directory is None else f"memory-mapped in {cache.directory}"
     shared = f", shared by {sync.world_size} processes" if sync.world_size > 1 else ""

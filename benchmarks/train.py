@@ -181,8 +181,7 @@ def _train(args: argparse.Namespace, mode: str, model: Any, datamodule: Any) -> 
     seconds = time.perf_counter() - start
     torch.save(model.model.prompt_learner.state_dict(), args.workdir / f"prompts_{mode}.pt")
     encoder = model.model.visual_encoder
-    rows, columns = encoder.grid_size((args.image_size, args.image_size))
-    layout = FeatureLayout(encoder.output_dim, len(encoder.feature_layers), rows * columns, args.cache_dtype)
+    layout = FeatureLayout.for_encoder(encoder, (args.image_size, args.image_size), args.cache_dtype)
     return {
         "seconds": seconds,
         "epoch_seconds": epoch_seconds,

@@ -65,8 +65,7 @@ def encoder(tiny_clip_path: Path) -> torch.nn.Module:
 
 
 def _layout(encoder: torch.nn.Module, size: int = SIZE, dtype_name: str = "float32") -> FeatureLayout:
-    rows, columns = encoder.grid_size((size, size))
-    return FeatureLayout(encoder.output_dim, len(encoder.feature_layers), rows * columns, dtype_name)
+    return FeatureLayout.for_encoder(encoder, (size, size), dtype_name)
 
 
 def _open(encoder: torch.nn.Module, paths: list[str], directory: Path | None, **kwargs) -> FeatureCache:
