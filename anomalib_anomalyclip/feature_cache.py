@@ -439,10 +439,11 @@ class FeatureCache:
         served = self._read(rows, out)
         missing = np.flatnonzero(~served)
         if missing.size:
-            selection = images if missing.size == len(rows) else images[torch.from_numpy(missing).to(images.device)]
+            positions = torch.from_numpy(missing).to(images.device)
+            selection = images if missing.size == len(rows) else images[positions]
             with torch.no_grad():
                 computed = self.layout.pack(*encoder(selection))
-            out[torch.from_numpy(missing).to(out.device)] = computed.to(out.dtype)
+            out[positions] = computed.to(out.dtype)
             if record:
                 self._write(rows[missing], computed)
         if record:
@@ -735,20 +736,25 @@ def _update_index(folder: Path, checksums: np.ndarray) -> None:
 
 
 def visual_features(
-    encoder: VisualEncoder, images: torch.Tensor, image_paths: Sequence[str] | None, cache: FeatureCache | None
+    encoder: VisualEncoder,
+    images: torch.Tensor,
+    image_paths: Sequence[str] | None,
+    cache: FeatureCache | None,
+    record: bool = True,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The frozen encoder's outputs for a training batch, through the cache when there is one.
+    """The frozen encoder's outputs for a batch, through the cache when there is one.
 
     Args:
         encoder: the visual encoder.
         images: (B, 3, H, W) pre-processed images.
         image_paths: their paths (needed with a cache).
         cache: the feature cache, or ``None``.
+        record: see :meth:`FeatureCache.features` (``False`` for validation).
     """
     if cache is None or image_paths is None:
         with torch.no_grad():
             return encoder(images)
-    return cache.features(images, image_paths, encoder)
+    return cache.features(images, image_paths, encoder, record=record)
 
 
 def training_feature_cache(

@@ -39,6 +39,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import ImageVisualizer, Visualizer
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
@@ -64,8 +65,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["AnomalyCLIP", "ProbabilityPostProcessor", "PromptsUnavailableError"]
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = OPENAI_DATASET_MEAN  # the normalisation CLIP (OpenAI weights) was trained with
+CLIP_STD = OPENAI_DATASET_STD
 CHECKPOINT_INFO_KEY = "anomalyclip"
 
 
@@ -431,11 +432,9 @@ class AnomalyCLIP(AnomalibModule):
         """
         del args, kwargs
         paths = getattr(batch, "image_path", None)
-        if self._validation_cache is not None and paths is not None:
-            features = self._validation_cache.features(batch.image, paths, self.model.visual_encoder, record=False)
-            predictions = self.model.scores_from_features(*features, batch.image.shape[-2:])
-        else:
-            predictions = self.model(batch.image)
+        encoder = self.model.visual_encoder
+        features = visual_features(encoder, batch.image, paths, self._validation_cache, record=False)
+        predictions = self.model.scores_from_features(*features, batch.image.shape[-2:])
         return batch.update(**predictions._asdict())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -63,7 +63,15 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Transform
 from torchvision.tv_tensors import Mask
 
-from .images import IMAGE_EXTENSIONS, BadImageError, check_files, image_size, read_image, read_mask
+from .images import (
+    IMAGE_EXTENSIONS,
+    BadImageError,
+    check_files,
+    image_size,
+    normalise_extensions,
+    read_image,
+    read_mask,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -115,13 +123,6 @@ def _as_tuple(value: str | Sequence[str] | None) -> tuple[str, ...]:
     if isinstance(value, str | os.PathLike):
         return (os.fspath(value),)
     return tuple(os.fspath(item) for item in value)
-
-
-def _normalise_extensions(extensions: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Lower-case extensions with a leading dot; the default list when ``None``."""
-    if extensions is None:
-        return IMAGE_EXTENSIONS
-    return tuple(ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in _as_tuple(extensions))
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ class SourceSpec:
             normal_dir=_as_tuple(spec.get("normal_dir")),
             abnormal_dir=_as_tuple(spec.get("abnormal_dir")),
             mask_dir=_as_tuple(spec.get("mask_dir")),
-            extensions=_normalise_extensions(spec.get("extensions")),
+            extensions=normalise_extensions(spec.get("extensions")),
             require_masks=bool(spec.get("require_masks", True)),
         )
         parsed._check_folder_keys()

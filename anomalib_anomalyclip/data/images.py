@@ -44,6 +44,7 @@ __all__ = [
     "image_problem",
     "image_size",
     "list_image_files",
+    "normalise_extensions",
     "read_image",
     "read_mask",
 ]
@@ -150,7 +151,7 @@ def anomalib_reader_problem(path: PathLike, decode: bool = True) -> str | None:
         image = _open(path, decode=decode)
         if image.mode in _SIXTEEN_BIT_MODES | {"I", "F"}:
             return f"{path}: {_mode_name(image.mode)}; anomalib's image reader would clip its values (mostly to white)."
-        if image.has_transparency_data and _has_transparent_pixels(_open(path, decode=True)):
+        if image.has_transparency_data and _has_transparent_pixels(image if decode else _open(path, decode=True)):
             return f"{path}: has transparent pixels; anomalib's image reader would drop the transparency."
     except BadImageError as error:
         return str(error)
@@ -188,6 +189,15 @@ def describe_problems(problems: Sequence[str], total: int, what: str, fix: str =
         listed.append(f"  ... and {len(problems) - _MAX_LISTED_PROBLEMS} more.")
     advice = f"\n{fix}" if fix else ""
     return f"{len(problems)} of {total} {what} cannot be used:\n" + "\n".join(listed) + advice
+
+
+def normalise_extensions(extensions: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Lower-case extensions with a leading dot (``"PNG"`` -> ``".png"``); :data:`IMAGE_EXTENSIONS` for ``None``."""
+    if extensions is None:
+        return IMAGE_EXTENSIONS
+    if isinstance(extensions, str):
+        extensions = (extensions,)
+    return tuple(ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in extensions)
 
 
 def list_image_files(path: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:

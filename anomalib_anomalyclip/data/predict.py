@@ -24,7 +24,7 @@ from anomalib.data.datamodules.base.image import AnomalibDataModule
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import Transform
 
-from .images import IMAGE_EXTENSIONS, check_files, image_problem, list_image_files, read_image
+from .images import IMAGE_EXTENSIONS, check_files, image_problem, list_image_files, normalise_extensions, read_image
 
 __all__ = ["ImageFolderDataset", "PredictFolder"]
 
@@ -93,7 +93,7 @@ class PredictFolder(AnomalibDataModule):
     ) -> None:
         super().__init__(train_batch_size=eval_batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers)
         self.path = Path(path)
-        self.extensions = tuple(ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in extensions)
+        self.extensions = normalise_extensions(extensions)
         # Names the results folder: results/<model>/PredictFolder/<folder name, or image file stem>/
         resolved = self.path.resolve()
         self.category = resolved.stem if resolved.suffix.lower() in self.extensions else resolved.name
