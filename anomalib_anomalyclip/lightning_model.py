@@ -95,20 +95,19 @@ class ProbabilityPostProcessor(PostProcessor):
         with torch.no_grad():
             self._image_threshold.fill_(0.5)
             self._pixel_threshold.fill_(num_layers / 2)
-            self._fix_ranges(num_layers)
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Adopt the adaptive thresholds; keep the fixed probability ranges."""
-        num_layers = float(self.pixel_max)
-        super().on_validation_epoch_end(trainer, pl_module)
-        self._fix_ranges(num_layers)
-
-    def _fix_ranges(self, num_layers: float) -> None:
-        with torch.no_grad():
             self.image_min.fill_(0.0)
             self.image_max.fill_(1.0)
             self.pixel_min.fill_(0.0)
             self.pixel_max.fill_(float(num_layers))
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Batch, *args, **kwargs
+    ) -> None:
+        """Collect the adaptive thresholds only; the value ranges are fixed (no min-max statistics to gather)."""
+        del trainer, pl_module, args, kwargs
+        if self.enable_thresholding:
+            self._image_threshold_metric.update(outputs)
+            self._pixel_threshold_metric.update(outputs)
 
     @staticmethod
     def _normalize(
