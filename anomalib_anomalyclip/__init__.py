@@ -46,10 +46,8 @@ def register() -> None:
     automatically by the import hook that the package installs; calling it again does nothing.
     """
     for name in _ANOMALIB_MODELS:
-        module = sys.modules.get(_LAZY_ATTRIBUTES[name])
-        if module is not None and not hasattr(module, name):
-            continue  # being imported right now: it exposes itself when it is complete
-        expose_in_anomalib(getattr(importlib.import_module(_LAZY_ATTRIBUTES[name]), name))
+        # Each module exposes its model when it has run; one being imported right now does so when it is complete.
+        importlib.import_module(_LAZY_ATTRIBUTES[name])
 
 
 def expose_in_anomalib(model_class: type) -> None:
@@ -69,10 +67,9 @@ def _register_now_or_later() -> None:
         register()
         return
     try:
-        import anomalib_anomalyclip_hook
+        import anomalib_anomalyclip_hook  # noqa: F401 - importing it installs the hook (once)
     except ImportError:  # running from a source tree that was never installed
         return
-    anomalib_anomalyclip_hook.install()
 
 
 _register_now_or_later()

@@ -427,5 +427,7 @@ def _is_anomalyclip(model: Any) -> bool:
 
 
 def _register_anomalyclip() -> None:
-    """Expose ``AnomalyCLIP`` in ``anomalib.models`` so that the short name resolves (importing the module does)."""
-    importlib.import_module("anomalib_anomalyclip.lightning_model")
+    """Expose ``AnomalyCLIP`` in ``anomalib.models`` so that the short name resolves."""
+    import anomalib_anomalyclip
+
+    anomalib_anomalyclip.register()
