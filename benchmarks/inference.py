@@ -43,7 +43,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,8 @@ from typing import Any
 import numpy as np
 import torch
 from process_memory import peak_resident_mb
+
+from anomalib_anomalyclip.benchmarking.report import processor_name
 
 DATASET_CATEGORY = "bench"
 MODEL_SEED = 0
@@ -373,7 +374,7 @@ def print_table(rows: list[dict], args: argparse.Namespace, baseline: dict) -> N
     """The results as a text table, with the run's settings."""
     print(
         f"\n{args.backbone} at {args.image_size} px, random weights, {args.images} timed images per flavour, "
-        f"batch 1; {_processor_name()}, {os.cpu_count()} CPUs; torch {torch.__version__} "
+        f"batch 1; {processor_name()}, {os.cpu_count()} CPUs; torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), OpenVINO {_openvino_version()}; PyTorch flavours on {_device_name(args)}"
     )
     print(
@@ -427,16 +428,6 @@ def _progress_line(row: dict) -> str:
         f"{row['flavour']}: {row['seconds_per_image']:.3g} s/image, {row['speedup_vs_eager_fp32']:.2f}x eager fp32, "
         f"max |d score| {row['max_abs_score_diff']:.2e}, max |d map| {row['max_abs_map_diff']:.2e}"
     )
-
-
-def _processor_name() -> str:
-    """The CPU's model name (``platform.processor()`` is empty on most Linux systems)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _openvino_version() -> str:

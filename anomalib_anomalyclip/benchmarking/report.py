@@ -11,7 +11,7 @@ from pathlib import Path
 from .chart import plot_means
 from .results import JobResult, results_table, write_csv, write_markdown
 
-__all__ = ["ReportPaths", "environment_notes", "write_reports"]
+__all__ = ["ReportPaths", "environment_notes", "processor_name", "write_reports"]
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,7 @@ def environment_notes(config_path: str | Path | None, seed: int) -> list[str]:
     import anomalib
     import torch
 
-    device = (
-        torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'unknown'})"
-    )
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({processor_name()})"
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"- configuration: `{config_path}`" if config_path else "- configuration: (in memory)",
@@ -61,3 +59,13 @@ def environment_notes(config_path: str | Path | None, seed: int) -> list[str]:
         f"- device: {device}",
     ]
     return lines
+
+
+def processor_name() -> str:
+    """The CPU's model name (``platform.processor()`` is empty on most Linux systems)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
