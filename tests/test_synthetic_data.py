@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from anomalib_anomalyclip.data.synthetic import (
+    CATEGORY_KINDS,
     DEFAULT_CATEGORIES,
     DEFECT_KINDS,
     add_defect,
@@ -135,6 +137,47 @@ def test_categories_look_different(dataset_root: Path) -> None:
             assert np.abs(means[first] - means[second]).max() > 5.0, (first, second)
 
 
+@pytest.fixture(scope="module")
+def kinds_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("kinds")
+    kinds = {"alpha": "texture", "beta": "object", "gamma": "grayscale"}
+    return make_mvtec_like_dataset(root, image_size=48, n_test_defect=6, defects=DEFECT_KINDS, kinds=kinds)
+
+
+def test_kinds_leave_texture_categories_unchanged(kinds_root: Path, tmp_path: Path) -> None:
+    plain = make_mvtec_like_dataset(
+        tmp_path, categories=("alpha",), image_size=48, n_test_defect=6, defects=DEFECT_KINDS
+    )
+    for path in (plain / "alpha").rglob("*.png"):
+        assert np.array_equal(_pixels(path), _pixels(kinds_root / path.relative_to(plain)))
+
+
+def test_grayscale_category_is_single_channel(kinds_root: Path) -> None:
+    for path in (kinds_root / "gamma").glob("*/*/*.png"):
+        with Image.open(path) as image:
+            assert image.mode == "L", path
+
+
+def test_object_category_has_defects_on_the_object(kinds_root: Path) -> None:
+    corners = np.zeros((48, 48), dtype=bool)
+    corners[:6, :6] = corners[:6, -6:] = corners[-6:, :6] = corners[-6:, -6:] = True
+    normal = [_pixels(path) / 255.0 for path in (kinds_root / "beta" / "train" / "good").glob("*.png")]
+    background = np.mean([image[corners].mean(0) for image in normal], 0)
+    for image in normal:  # plain background around the object
+        assert np.abs(image[corners] - background).max() < 0.12
+        assert np.abs(image[~corners] - background).max(-1).mean() > 0.1
+    for mask_path in (kinds_root / "beta" / "ground_truth").glob("*/*_mask.png"):
+        mask = _pixels(mask_path) > 0
+        assert mask.mean() >= 0.01 and not (mask & corners).any(), mask_path
+
+
+def test_unknown_kind_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"choose from {list(CATEGORY_KINDS)}")):
+        make_mvtec_like_dataset(tmp_path, kinds="wood")
+    with pytest.raises(ValueError, match="not in `categories`"):
+        make_mvtec_like_dataset(tmp_path, kinds={"delta": "object"})
+
+
 def test_existing_category_needs_overwrite(tmp_path: Path) -> None:
     kwargs = {"categories": ("alpha",), "image_size": 16, "n_train_good": 1, "n_test_good": 1, "n_test_defect": 1}
     make_mvtec_like_dataset(tmp_path, **kwargs)
@@ -165,8 +208,10 @@ def test_invalid_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
 def test_main_writes_the_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = [str(tmp_path), "--categories", "a", "b", "--image-size", "16", "--n-train-good", "1"]
     argv += ["--n-test-good", "1", "--n-test-defect", "2", "--defects", "scratch", "--seed", "1"]
-    assert main(argv) == 0
+    assert main([*argv, "--kinds", "object", "grayscale"]) == 0
     assert _relative_files(tmp_path) == _expected_files(("a", "b"), ("scratch",), (1, 1, 2))
+    with Image.open(tmp_path / "b" / "train" / "good" / "000.png") as image:
+        assert image.mode == "L"
     assert "Wrote 8 images in 2 categories" in capsys.readouterr().out
 
 

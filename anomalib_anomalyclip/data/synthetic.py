@@ -5,6 +5,13 @@ frequency, plus mild noise). Defects look the same in every category (saturated 
 scratches covering roughly 3-10 % of the image at random places), so that a detector trained on some categories can
 transfer to the others, which is what a zero-shot protocol needs.
 
+A category is of one of three kinds (:data:`CATEGORY_KINDS`), like the categories of MVTec AD:
+
+* ``texture``: the texture fills the image (carpet, wood); the default;
+* ``object``: an elliptical object filled with the texture, at a slightly varying place and angle, on a plain
+  background (bottle, hazelnut); defects lie on the object;
+* ``grayscale``: a texture in grey levels, saved as a single-channel PNG (grid, screw, zipper).
+
 The layout written by :func:`make_mvtec_like_dataset` is exactly MVTec AD's::
 
     root/<category>/train/good/000.png
@@ -25,7 +32,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +40,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
+    "CATEGORY_KINDS",
     "DEFAULT_CATEGORIES",
     "DEFECT_KINDS",
     "TEXTURE_KINDS",
@@ -47,10 +55,13 @@ __all__ = [
 DEFAULT_CATEGORIES: tuple[str, ...] = ("alpha", "beta", "gamma")
 DEFECT_KINDS: tuple[str, ...] = ("blob", "scratch")
 TEXTURE_KINDS: tuple[str, ...] = ("stripes", "checker", "smooth")
+CATEGORY_KINDS: tuple[str, ...] = ("texture", "object", "grayscale")
 MIN_IMAGE_SIZE = 16
 
 _COVERAGE_RANGE = (0.03, 0.10)
 _NOISE_STD = 0.02
+_LUMINANCE = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's "L" conversion
+_MIN_DEFECT_ON_OBJECT = 0.6  # share of a defect that must lie on the object
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,8 @@ class CategoryStyle:
         colors: Two RGB colours in ``[0, 1]`` that the texture blends, shape ``(2, 3)``.
         frequency: Number of texture periods across the image.
         angle: Orientation of the texture in radians.
+        kind: One of :data:`CATEGORY_KINDS`.
+        background: RGB background colour of an ``object`` category.
     """
 
     name: str
@@ -70,6 +83,8 @@ class CategoryStyle:
     colors: tuple[tuple[float, float, float], tuple[float, float, float]]
     frequency: float
     angle: float
+    kind: str = "texture"
+    background: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 def _name_code(name: str) -> int:
@@ -82,28 +97,36 @@ def _rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(key) for key in keys]))
 
 
-def category_style(name: str, seed: int = 0) -> CategoryStyle:
+def category_style(name: str, seed: int = 0, kind: str = "texture") -> CategoryStyle:
     """Derive the look of a category from its name and the dataset seed.
 
     Args:
         name: Category name.
         seed: Dataset seed.
+        kind: One of :data:`CATEGORY_KINDS`; the texture and colours do not depend on it.
 
     Returns:
         The category's style.
     """
+    _check_category_kinds([kind])
     rng = _rng(seed, _name_code(name), 0)
     base = rng.uniform(0.3, 0.7, size=3)
     direction = rng.normal(size=3)
     direction /= np.linalg.norm(direction) + 1e-8
     other = np.clip(base + direction * rng.uniform(0.2, 0.3), 0.2, 0.8)
     texture = TEXTURE_KINDS[int(rng.integers(len(TEXTURE_KINDS)))]
+    frequency = float(rng.uniform(2.0, 6.0))
+    angle = float(rng.uniform(0.0, np.pi))
+    # Drawn after the texture's numbers, so that a texture category looks as it did before kinds existed.
+    background = rng.uniform(0.05, 0.2, size=3) if rng.random() < 0.5 else rng.uniform(0.8, 0.95, size=3)
     return CategoryStyle(
         name=name,
         texture=texture,
         colors=(tuple(float(v) for v in base), tuple(float(v) for v in other)),
-        frequency=float(rng.uniform(2.0, 6.0)),
-        angle=float(rng.uniform(0.0, np.pi)),
+        frequency=frequency,
+        angle=angle,
+        kind=kind,
+        background=tuple(float(v) for v in background),
     )
 
 
@@ -131,16 +154,44 @@ def render_normal_image(style: CategoryStyle, image_size: int, rng: np.random.Ge
     Args:
         style: The category's style, see :func:`category_style`.
         image_size: Side of the square image in pixels.
-        rng: Random generator (texture phase, brightness jitter, noise).
+        rng: Random generator (texture phase, object pose, brightness jitter, noise).
 
     Returns:
-        Float image in ``[0, 1]`` of shape ``(image_size, image_size, 3)``.
+        Float image in ``[0, 1]`` of shape ``(image_size, image_size, 3)`` (a ``grayscale`` category's three
+        channels are equal).
     """
+    return _render(style, image_size, rng)[0]
+
+
+def _render(style: CategoryStyle, image_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """A normal image and, for an ``object`` category, where its object is."""
     weight = _texture_field(style, image_size, rng)[..., None]
     color_a, color_b = (np.asarray(color) for color in style.colors)
     image = (1.0 - weight) * color_a + weight * color_b
+    region = None
+    if style.kind == "object":
+        region = object_region(image_size, rng)
+        image = np.where(region[..., None], image, np.asarray(style.background))
     image = image + rng.uniform(-0.03, 0.03) + rng.normal(0.0, _NOISE_STD, size=image.shape)
-    return np.clip(image, 0.0, 1.0)
+    if style.kind == "grayscale":
+        image = np.repeat(image @ _LUMINANCE[:, None], 3, axis=-1)
+    return np.clip(image, 0.0, 1.0), region
+
+
+def object_region(image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Boolean ``(H, W)`` mask of an ``object`` category's object: an ellipse near the centre, randomly turned.
+
+    The object covers about 30-45 % of the image.
+    """
+    coords = np.arange(image_size, dtype=np.float64) + 0.5
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    center = image_size * (0.5 + rng.uniform(-0.05, 0.05, size=2))
+    axes = image_size * rng.uniform(0.3, 0.38, size=2)
+    turn = rng.uniform(0.0, np.pi)
+    dx, dy = x - center[0], y - center[1]
+    u = dx * np.cos(turn) + dy * np.sin(turn)
+    v = -dx * np.sin(turn) + dy * np.cos(turn)
+    return (u / axes[0]) ** 2 + (v / axes[1]) ** 2 <= 1.0
 
 
 def _blob_polygon(image_size: int, area: float, rng: np.random.Generator) -> list[tuple[float, float]]:
@@ -198,7 +249,9 @@ def _defect_mask(kind: str, image_size: int, rng: np.random.Generator) -> np.nda
     return np.asarray(canvas) > 0
 
 
-def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def add_defect(
+    image: np.ndarray, kind: str, rng: np.random.Generator, region: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Paint one defect onto an image.
 
     The defect is a saturated dark or bright region (chosen at random) with mild noise, shaped as an irregular blob
@@ -208,6 +261,8 @@ def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[
         image: Float image in ``[0, 1]`` of shape ``(H, W, 3)`` with ``H == W``.
         kind: One of :data:`DEFECT_KINDS`.
         rng: Random generator.
+        region: Boolean ``(H, W)`` mask the defect must lie in (an object); it is placed so that most of it does,
+            and cut to it.
 
     Returns:
         The defective image (a new array) and its boolean ``(H, W)`` mask.
@@ -217,6 +272,12 @@ def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[
     """
     _check_defect_kinds([kind])
     mask = _defect_mask(kind, image.shape[0], rng)
+    if region is not None:
+        for _ in range(20):  # a defect mostly off the object is drawn again
+            if (mask & region).sum() >= _MIN_DEFECT_ON_OBJECT * mask.sum():
+                break
+            mask = _defect_mask(kind, image.shape[0], rng)
+        mask &= region
     level = rng.uniform(0.02, 0.08) if rng.random() < 0.5 else rng.uniform(0.92, 0.98)
     paint = level + rng.normal(0.0, _NOISE_STD, size=(int(mask.sum()), 3))
     defective = image.copy()
@@ -229,6 +290,27 @@ def _check_defect_kinds(defects: Sequence[str]) -> None:
     if unknown:
         msg = f"Unknown defect kind(s) {unknown}; choose from {list(DEFECT_KINDS)}."
         raise ValueError(msg)
+
+
+def _check_category_kinds(kinds: Sequence[str]) -> None:
+    unknown = [kind for kind in kinds if kind not in CATEGORY_KINDS]
+    if unknown:
+        msg = f"Unknown category kind(s) {unknown}; choose from {list(CATEGORY_KINDS)}."
+        raise ValueError(msg)
+
+
+def _kinds_by_category(categories: Sequence[str], kinds: str | Mapping[str, str]) -> dict[str, str]:
+    """The kind of every category: one kind for all, or a mapping (categories it leaves out are textures)."""
+    if isinstance(kinds, str):
+        chosen = dict.fromkeys(categories, kinds)
+    else:
+        strangers = sorted(set(kinds) - set(categories))
+        if strangers:
+            msg = f"`kinds` names categories {strangers} that are not in `categories` {list(categories)}."
+            raise ValueError(msg)
+        chosen = {category: kinds.get(category, "texture") for category in categories}
+    _check_category_kinds(list(chosen.values()))
+    return chosen
 
 
 def _check_arguments(categories: Sequence[str], image_size: int, counts: Sequence[int], defects: Sequence[str]) -> None:
@@ -258,9 +340,13 @@ def _prepare_category_dir(category_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(category_dir)
 
 
-def _save_rgb(image: np.ndarray, path: Path) -> None:
+def _save_image(image: np.ndarray, path: Path, grayscale: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(image * 255.0).astype(np.uint8), mode="RGB").save(path)
+    pixels = np.round(image * 255.0).astype(np.uint8)
+    if grayscale:
+        Image.fromarray(pixels[..., 0], mode="L").save(path)
+    else:
+        Image.fromarray(pixels, mode="RGB").save(path)
 
 
 def _save_mask(mask: np.ndarray, path: Path) -> None:
@@ -269,8 +355,18 @@ def _save_mask(mask: np.ndarray, path: Path) -> None:
 
 
 def _write_good_images(folder: Path, style: CategoryStyle, image_size: int, count: int, keys: tuple[int, ...]) -> None:
+    grayscale = style.kind == "grayscale"
     for index in range(count):
-        _save_rgb(render_normal_image(style, image_size, _rng(*keys, index)), folder / f"{index:03d}.png")
+        image = render_normal_image(style, image_size, _rng(*keys, index))
+        _save_image(image, folder / f"{index:03d}.png", grayscale)
+
+
+def _defective_image(
+    style: CategoryStyle, image_size: int, kind: str, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A normal image of ``style`` with one defect of ``kind`` (on the object, for an ``object`` category)."""
+    image, region = _render(style, image_size, rng)
+    return add_defect(image, kind, rng, region=region)
 
 
 def _write_category(
@@ -289,8 +385,8 @@ def _write_category(
     for kind in defects:
         for index in range(n_test_defect):
             rng = _rng(seed, code, 2, 1 + DEFECT_KINDS.index(kind), index)
-            image, mask = add_defect(render_normal_image(style, image_size, rng), kind, rng)
-            _save_rgb(image, category_dir / "test" / kind / f"{index:03d}.png")
+            image, mask = _defective_image(style, image_size, kind, rng)
+            _save_image(image, category_dir / "test" / kind / f"{index:03d}.png", style.kind == "grayscale")
             _save_mask(mask, category_dir / "ground_truth" / kind / f"{index:03d}_mask.png")
 
 
@@ -304,6 +400,7 @@ def make_mvtec_like_dataset(
     defects: Sequence[str] = ("blob",),
     seed: int = 0,
     overwrite: bool = False,
+    kinds: str | Mapping[str, str] = "texture",
 ) -> Path:
     """Write a small synthetic dataset in MVTec AD's exact layout.
 
@@ -319,12 +416,14 @@ def make_mvtec_like_dataset(
         seed: Seed; the output is a pure function of the arguments.
         overwrite: Replace category folders that already exist. Without it an existing non-empty category folder
             raises :class:`FileExistsError` (nothing else in ``root`` is touched either way).
+        kinds: Kind of every category (see :data:`CATEGORY_KINDS`), or a mapping from category names to kinds
+            (categories it leaves out are textures). A ``grayscale`` category's images are single-channel PNGs.
 
     Returns:
         ``root`` as a :class:`~pathlib.Path`.
 
     Raises:
-        ValueError: On invalid arguments (unknown defect kind, duplicate categories, tiny images...).
+        ValueError: On invalid arguments (unknown defect or category kind, duplicate categories, tiny images...).
         FileExistsError: If a category folder exists, is not empty and ``overwrite`` is false.
 
     Example:
@@ -336,11 +435,13 @@ def make_mvtec_like_dataset(
     defects = tuple(defects)
     counts = (n_train_good, n_test_good, n_test_defect)
     _check_arguments(categories, image_size, counts, defects)
+    kind_of = _kinds_by_category(categories, kinds)
     root = Path(root)
     for category in categories:
         _prepare_category_dir(root / category, overwrite)
     for category in categories:
-        _write_category(root / category, category_style(category, seed), image_size, counts, defects, seed)
+        style = category_style(category, seed, kind_of[category])
+        _write_category(root / category, style, image_size, counts, defects, seed)
     return root
 
 
@@ -356,9 +457,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-test-good", type=int, default=4)
     parser.add_argument("--n-test-defect", type=int, default=4)
     parser.add_argument("--defects", nargs="+", default=["blob"], choices=DEFECT_KINDS)
+    parser.add_argument(
+        "--kinds", nargs="+", default=["texture"], choices=CATEGORY_KINDS, help="one kind for all, or one per category"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace existing category folders")
     return parser.parse_args(argv)
+
+
+def _kinds_argument(categories: Sequence[str], kinds: Sequence[str]) -> str | dict[str, str]:
+    if len(kinds) == 1:
+        return kinds[0]
+    if len(kinds) != len(categories):
+        msg = f"--kinds takes one kind or one per category ({len(categories)}), got {len(kinds)}."
+        raise SystemExit(msg)
+    return dict(zip(categories, kinds, strict=True))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -381,6 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         defects=args.defects,
         seed=args.seed,
         overwrite=args.overwrite,
+        kinds=_kinds_argument(args.categories, args.kinds),
     )
     n_images = sum(1 for _ in root.glob("*/t*/*/*.png"))
     print(f"Wrote {n_images} images in {len(args.categories)} categories to {root}")
