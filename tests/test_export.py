@@ -23,6 +23,7 @@ from lightning.pytorch import Trainer
 from anomalib_anomalyclip import AnomalyCLIP, ExportedAnomalyCLIP
 from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
 from anomalib_anomalyclip.export import ExportUnavailableError
+from anomalib_anomalyclip.exported_model import DEFAULT_OPENVINO_CONFIG
 from anomalib_anomalyclip.inference_model import AnomalyCLIPInferenceModel
 from anomalib_anomalyclip.lightning_model import PromptsUnavailableError
 from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
@@ -97,8 +98,9 @@ def _visual_bytes(model: AnomalyCLIP) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in model.model.visual_encoder.state_dict().values())
 
 
-def _openvino_outputs(path: Path, images: torch.Tensor, config: dict | None = None) -> dict[str, np.ndarray]:
-    inferencer = OpenVINOInferencer(path, device="CPU", config=config)
+def _openvino_outputs(path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
+    # f32 explicitly: on CPUs with native bf16, OpenVINO's default precision is bf16.
+    inferencer = OpenVINOInferencer(path, device="CPU", config=DEFAULT_OPENVINO_CONFIG)
     raw = inferencer.model({inferencer.input_blob.any_name: images.numpy()})
     return inferencer.post_process(raw)
 
