@@ -9,14 +9,17 @@ From block ``dpam_start_layer`` (1-indexed) on, every block runs two residual st
   stream only accumulates its attention outputs. The patch tokens for the anomaly maps
   are read from this stream after the blocks listed in ``feature_layers``.
 
-Work the outputs do not need is skipped: the DPAM stream stops after the last feature
-layer, and in the last block the original stream only computes the CLS token.
+Patch tokens can also be read ("tapped") from the original stream of any block, in the
+same forward (the few-shot memory bank may use them, see :mod:`.few_shot`). Work the
+outputs do not need is skipped: the DPAM stream stops after its last tap, and in the last
+block the original stream only computes the CLS token unless that block is tapped there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import Enum
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +33,29 @@ class DpamKind(str, Enum):
     QQ = "qq"
     KK = "kk"
     NONE = "none"
+
+
+class TokenPath(str, Enum):
+    """Which residual stream patch tokens are read from."""
+
+    DPAM = "dpam"  # the DPAM stream (the ordinary stream in blocks without the dual path)
+    ORIGINAL = "original"  # the ordinary CLIP stream
+
+
+class Tap(NamedTuple):
+    """Where to read patch tokens: after block ``layer`` (1-indexed), from stream ``path``."""
+
+    layer: int
+    path: TokenPath
+
+
+def check_layers(layers: Sequence[int], depth: int, name: str) -> tuple[int, ...]:
+    """Sorted unique layer numbers; ``ValueError`` naming the argument when one lies outside 1..depth."""
+    layers = tuple(sorted(set(layers)))
+    bad = [layer for layer in layers if not 1 <= layer <= depth]
+    if bad:
+        raise ValueError(f"{name} {bad} outside the visual transformer's blocks 1..{depth}.")
+    return layers
 
 
 class DualPathVisualEncoder(nn.Module):
@@ -59,10 +85,7 @@ class DualPathVisualEncoder(nn.Module):
         self.dpam_kind = DpamKind(dpam_kind)
         depth = len(visual.transformer.resblocks)
         self.depth = depth
-        self.feature_layers = tuple(sorted(set(feature_layers))) if feature_layers else (depth,)
-        bad = [layer for layer in self.feature_layers if not 1 <= layer <= depth]
-        if bad:
-            raise ValueError(f"feature_layers {bad} outside the visual transformer's blocks 1..{depth}.")
+        self.feature_layers = check_layers(feature_layers, depth, "feature_layers") if feature_layers else (depth,)
         if not 1 <= dpam_start_layer <= depth:
             raise ValueError(f"dpam_start_layer {dpam_start_layer} outside the visual transformer's blocks 1..{depth}.")
         self.dpam_start_layer = dpam_start_layer
@@ -79,6 +102,11 @@ class DualPathVisualEncoder(nn.Module):
         proj = self.visual.proj
         return int(self.visual.class_embedding.shape[-1] if proj is None else proj.shape[1])
 
+    @property
+    def feature_taps(self) -> tuple[Tap, ...]:
+        """The taps that make the zero-shot anomaly maps: the DPAM stream of the feature layers."""
+        return tuple(Tap(layer, TokenPath.DPAM) for layer in self.feature_layers)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Encode a normalised image batch.
 
@@ -89,25 +117,44 @@ class DualPathVisualEncoder(nn.Module):
             The global embedding (B, D) and, for each feature layer, the projected patch
             tokens (B, N, D) without the CLS token, N = rows * columns of the patch grid.
         """
+        return self.encode(images, self.feature_taps)
+
+    def encode(self, images: torch.Tensor, taps: Sequence[Tap]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Encode a normalised image batch, reading patch tokens at ``taps``.
+
+        Args:
+            images: (B, 3, H, W) images, CLIP-normalised.
+            taps: where to read projected patch tokens; a tap may appear more than once.
+
+        Returns:
+            The global embedding (B, D) and, per tap in the given order, the projected
+            patch tokens (B, N, D) without the CLS token.
+        """
+        taps = [Tap(int(layer), TokenPath(path)) for layer, path in taps]
+        check_layers([tap.layer for tap in taps], self.depth, "tapped layers")
+        dpam_layers = [tap.layer for tap in taps if tap.path is TokenPath.DPAM or not self._dual(tap.layer)]
+        last_dpam_tap = max(dpam_layers, default=0)
+        ordinary_in_last = Tap(self.depth, TokenPath.ORIGINAL) in taps or (
+            self.depth in dpam_layers and not self._dual(self.depth)
+        )
         x = self._embed(images)
-        blocks = self.visual.transformer.resblocks
-        last_tap = self.feature_layers[-1]
         x_dpam: torch.Tensor | None = None
-        taps = []
-        for index, block in enumerate(blocks, start=1):
-            cls_only = index == self.depth and (self._dual(index) or index not in self.feature_layers)
+        read: dict[Tap, torch.Tensor] = {}
+        for index, block in enumerate(self.visual.transformer.resblocks, start=1):
+            cls_only = index == self.depth and not ordinary_in_last
             if self._dual(index):
                 x_dpam = x if x_dpam is None else x_dpam
-                x, x_dpam = self._dual_block(block, x, x_dpam, keep_dpam=index <= last_tap, cls_only=cls_only)
-                tapped = x_dpam
+                x, x_dpam = self._dual_block(block, x, x_dpam, keep_dpam=index <= last_dpam_tap, cls_only=cls_only)
+                streams = {TokenPath.DPAM: x_dpam, TokenPath.ORIGINAL: x}
             else:
                 x = self._plain_block(block, x, cls_only=cls_only)
-                tapped = x
-            if index in self.feature_layers:
-                taps.append(self._project(self.visual.ln_post(tapped[:, 1:])))
+                streams = {TokenPath.DPAM: x, TokenPath.ORIGINAL: x}
+            for tap in taps:
+                if tap.layer == index and tap not in read:
+                    read[tap] = self._project(self.visual.ln_post(streams[tap.path][:, 1:]))
         # The released code projects the CLS token without ln_post; the prompts were trained so.
         global_embedding = self._project(x[:, 0])
-        return global_embedding, taps
+        return global_embedding, [read[tap] for tap in taps]
 
     def _dual(self, index: int) -> bool:
         return self.dpam_kind is not DpamKind.NONE and index >= self.dpam_start_layer

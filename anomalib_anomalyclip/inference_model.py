@@ -3,7 +3,8 @@
 Once the prompts are fixed, the text side of AnomalyCLIP is a constant pair of
 embeddings (normal, abnormal). :class:`AnomalyCLIPInferenceModel` holds only what
 scoring an image needs: the visual encoder with DPAM, those two embeddings as a
-buffer, and the map smoothing. It is what :class:`anomalib_anomalyclip.AnomalyCLIP`
+buffer, the few-shot memory bank when there is one (see :mod:`.few_shot`), and the
+map smoothing. It is what :class:`anomalib_anomalyclip.AnomalyCLIP`
 exports (ONNX, OpenVINO, Torch), so an exported graph holds no text encoder.
 
 Example:
@@ -25,6 +26,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from .dpam import DualPathVisualEncoder
+from .few_shot import FewShotScorer, fuse
 from .scoring import GaussianSmoothing, image_scores, summed_anomaly_map
 
 
@@ -33,6 +35,7 @@ def score_images(
     smoothing: GaussianSmoothing,
     images: torch.Tensor,
     text_features: torch.Tensor,
+    few_shot: FewShotScorer | None = None,
 ) -> InferenceBatch:
     """Image scores and smoothed anomaly maps of CLIP-normalised images.
 
@@ -41,14 +44,18 @@ def score_images(
         smoothing: the Gaussian smoothing of the maps.
         images: (B, 3, H, W) CLIP-normalised images.
         text_features: (1, 2, D) normalised text features, ``[:, 0]`` normal, ``[:, 1]`` abnormal.
+        few_shot: the memory bank of normal patch tokens; ``None`` or empty: zero-shot.
 
     Returns:
         ``pred_score`` (B,) and ``anomaly_map`` (B, 1, H, W).
     """
-    global_embedding, patch_tokens = visual_encoder(images)
+    feature_taps = visual_encoder.feature_taps
+    bank_taps = few_shot.taps if few_shot is not None and few_shot.active else ()
+    global_embedding, tokens = visual_encoder.encode(images, feature_taps + bank_taps)
     size = (images.shape[-2], images.shape[-1])
     grid = visual_encoder.grid_size(size)
-    return score_features(global_embedding, patch_tokens, grid, size, smoothing, text_features)
+    patch_tokens, bank_tokens = tokens[: len(feature_taps)], tokens[len(feature_taps) :]
+    return score_features(global_embedding, patch_tokens, grid, size, smoothing, text_features, few_shot, bank_tokens)
 
 
 def score_features(
@@ -58,6 +65,8 @@ def score_features(
     size: tuple[int, int],
     smoothing: GaussianSmoothing,
     text_features: torch.Tensor,
+    few_shot: FewShotScorer | None = None,
+    bank_tokens: Sequence[torch.Tensor] = (),
 ) -> InferenceBatch:
     """Image scores and smoothed anomaly maps from the visual encoder's outputs.
 
@@ -68,12 +77,23 @@ def score_features(
         size: (H, W) of the maps: the size of the images the features come from.
         smoothing: the Gaussian smoothing of the maps.
         text_features: (1, 2, D) normalised text features, ``[:, 0]`` normal, ``[:, 1]`` abnormal.
+        few_shot: the memory bank; ``None`` or empty: the zero-shot score and map.
+        bank_tokens: per bank tap, (B, N, D) patch tokens (needed when ``few_shot`` is active).
 
     Returns:
-        ``pred_score`` (B,) and ``anomaly_map`` (B, 1, H, W).
+        ``pred_score`` (B,) and ``anomaly_map`` (B, 1, H, W): zero-shot maps lie in [0,
+        number of feature layers], fused few-shot maps in [0, 1].
     """
-    anomaly_map = smoothing(summed_anomaly_map(patch_tokens, text_features, grid, size))
-    return InferenceBatch(pred_score=image_scores(global_embedding, text_features), anomaly_map=anomaly_map)
+    zero_shot_map = summed_anomaly_map(patch_tokens, text_features, grid, size)
+    zero_shot_score = image_scores(global_embedding, text_features)
+    if few_shot is None or not few_shot.active:
+        return InferenceBatch(pred_score=zero_shot_score, anomaly_map=smoothing(zero_shot_map))
+    few_shot_map = few_shot.distance_map(bank_tokens, grid, size)
+    batch = zero_shot_map.shape[0]
+    # Both maps smoothed in one call; the zero-shot map on its probability scale [0, 1].
+    smoothed = smoothing(torch.cat([zero_shot_map / len(patch_tokens), few_shot_map]))
+    score, anomaly_map = fuse(zero_shot_score, smoothed[:batch], smoothed[batch:], few_shot.fusion)
+    return InferenceBatch(pred_score=score, anomaly_map=anomaly_map)
 
 
 class AnomalyCLIPInferenceModel(nn.Module):
@@ -84,18 +104,25 @@ class AnomalyCLIPInferenceModel(nn.Module):
         text_features: (1, 2, D) normalised text features of the fixed prompts; kept as a
             buffer (a constant of an exported graph).
         smoothing: the Gaussian smoothing of the maps (shared, not copied).
+        few_shot: the few-shot memory bank (shared, not copied; its bank becomes a constant
+            of an exported graph), or ``None``.
     """
 
     def __init__(
-        self, visual_encoder: DualPathVisualEncoder, text_features: torch.Tensor, smoothing: GaussianSmoothing
+        self,
+        visual_encoder: DualPathVisualEncoder,
+        text_features: torch.Tensor,
+        smoothing: GaussianSmoothing,
+        few_shot: FewShotScorer | None = None,
     ) -> None:
         super().__init__()
         if text_features.dim() != 3 or text_features.shape[:2] != (1, 2):
             raise ValueError(f"Expected text features of shape (1, 2, D), got {tuple(text_features.shape)}.")
         self.visual_encoder = visual_encoder
         self.smoothing = smoothing
+        self.few_shot = few_shot
         self.register_buffer("text_features", text_features.detach().clone())
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Score a batch of CLIP-normalised images (B, 3, H, W); see :func:`score_images`."""
-        return score_images(self.visual_encoder, self.smoothing, images, self.text_features)
+        return score_images(self.visual_encoder, self.smoothing, images, self.text_features, self.few_shot)

@@ -7,11 +7,20 @@ Two ways to use it:
   ``anomalyclip-mvtec``). The model is then a zero-shot model for anomalib's Engine:
   ``train``/``fit`` only collect normalisation statistics and thresholds, ``test`` and
   ``predict`` score the target data.
+* **Few-shot** (``k_shot > 0``): ``k_shot`` normal images of the product (the
+  datamodule's train split, or ``few_shot_source``) fill a memory bank of patch tokens
+  whose nearest-neighbour distances join the zero-shot map (see :mod:`.few_shot`).
+  anomalib's Engine treats the model as FEW_SHOT: ``train``/``fit`` collect the
+  references and thresholds, with no gradient step, and save a checkpoint with the bank.
 * **Prompt training** (the paper's protocol): without ``prompt_weights`` the prompts
   are learned by ``fit`` on labelled normal and anomalous images, e.g.
   :class:`anomalib_anomalyclip.data.AuxiliaryDataModule` over every category of MVTec
   AD's test split. Only the prompts are trained and stored in the checkpoint; the CLIP
   weights stay frozen and are loaded from ``pretrained``.
+
+Without ``prompt_weights``, when there is nothing to learn prompts from (the fit data
+holds normal images only, or there is no fit), the model takes the authors' released
+prompts trained on the other dataset (see :func:`.weights.released_prompts_for`).
 
 Example:
     >>> from anomalib.engine import Engine
@@ -37,7 +46,8 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import ImageVisualizer, Visualizer
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
@@ -46,7 +56,8 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 from . import expose_in_anomalib
 from .callbacks import ConvertingImageVisualizer, model_callbacks
 from .data.auxiliary import has_pixel_mask
-from .dpam import DpamKind
+from .data.references import ReferenceSource, datamodule_references, folder_references, load_references
+from .dpam import DpamKind, TokenPath
 from .errors import explain_setup_errors
 from .export import EXPORT_OPSET, check_openvino_export, inference_model_in_place
 from .feature_cache import (
@@ -56,10 +67,12 @@ from .feature_cache import (
     validation_feature_cache,
     visual_features,
 )
+from .few_shot import FewShotFusion, FewShotSettings, choose_references, few_shot_settings
 from .loss import GlocalLoss, LossVariant
+from .post_processor import DEFAULT_NORMAL_QUANTILE, ProbabilityPostProcessor, check_quantile
 from .prompts import AGNOSTIC_OBJECT, PromptCheckpointError, PromptType, prompts_of_lightning_checkpoint
 from .torch_model import AnomalyCLIPModel
-from .weights import resolve_prompt_weights
+from .weights import released_prompts_for, resolve_prompt_weights
 
 logger = logging.getLogger(__name__)
 
@@ -72,56 +85,6 @@ CHECKPOINT_INFO_KEY = "anomalyclip"
 
 class PromptsUnavailableError(RuntimeError):
     """The model would score images with prompts that were never trained or loaded."""
-
-
-class ProbabilityPostProcessor(PostProcessor):
-    """anomalib's post-processor on AnomalyCLIP's own probability scale.
-
-    AnomalyCLIP's image score is a probability of "abnormal" and each layer map a
-    per-pixel probability (maps are summed over the feature layers), so the value range
-    is known: [0, 1] for scores, [0, number of layers] for maps. Scores are normalised
-    piecewise linearly on that fixed range so that the threshold lands on 0.5: strictly
-    monotone, so AUROC/AP/AUPRO of normalised outputs equal those of raw outputs, even
-    on data whose scores fall outside what validation saw (anomalib's min-max
-    normalisation clamps those, which ties them and lowers the metrics of a zero-shot
-    model evaluated on another dataset).
-
-    Thresholds are anomalib's adaptive F1 thresholds when validation sees labelled data,
-    and 0.5 (the likelier prompt wins) until then.
-    """
-
-    def set_probability_scale(self, num_layers: int) -> None:
-        """Fix the value ranges and start from thresholds at half of each range."""
-        with torch.no_grad():
-            self._image_threshold.fill_(0.5)
-            self._pixel_threshold.fill_(num_layers / 2)
-            self.image_min.fill_(0.0)
-            self.image_max.fill_(1.0)
-            self.pixel_min.fill_(0.0)
-            self.pixel_max.fill_(float(num_layers))
-
-    def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Batch, *args, **kwargs
-    ) -> None:
-        """Collect the adaptive thresholds only; the value ranges are fixed (no min-max statistics to gather)."""
-        del trainer, pl_module, args, kwargs
-        if self.enable_thresholding:
-            self._image_threshold_metric.update(outputs)
-            self._pixel_threshold_metric.update(outputs)
-
-    @staticmethod
-    def _normalize(
-        preds: torch.Tensor | None, norm_min: torch.Tensor, norm_max: torch.Tensor, threshold: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Map [min, threshold] to [0, 0.5] and [threshold, max] to [0.5, 1] linearly."""
-        if preds is None:
-            return preds
-        span = norm_max - norm_min
-        threshold = torch.where(torch.isnan(threshold), (norm_max + norm_min) / 2, threshold)
-        threshold = torch.minimum(torch.maximum(threshold, norm_min + 1e-6 * span), norm_max - 1e-6 * span)
-        below = 0.5 * (preds - norm_min) / (threshold - norm_min)
-        above = 0.5 + 0.5 * (preds - threshold) / (norm_max - threshold)
-        return torch.where(preds < threshold, below, above).clamp(0, 1)
 
 
 class AnomalyCLIP(AnomalibModule):
@@ -165,6 +128,17 @@ class AnomalyCLIP(AnomalibModule):
             temporary folder below the trainer's ``default_root_dir``.
         feature_cache_dtype: storage precision of the cache: ``float32`` (the features exactly
             as computed) or ``float16`` (half the size, slightly different prompts).
+        k_shot: number of normal reference images for the few-shot memory bank; 0:
+            zero-shot. Taken from the datamodule's train split unless ``few_shot_source``.
+        few_shot_source: a folder of normal reference images (instead of the train split).
+        few_shot_layers: visual blocks of the memory bank; ``None``: the feature layers.
+        few_shot_tokens: ``dpam`` (the tokens that make the zero-shot maps, no extra cost)
+            or ``original`` (the ordinary attention stream of the same blocks).
+        few_shot_fusion: ``mean`` (default), ``harmonic`` or ``few_shot`` (the few-shot map
+            alone); see :mod:`anomalib_anomalyclip.few_shot`.
+        normal_quantile: when validation sees only normal images (or the references,
+            scored leave-one-out), the thresholds are this quantile of their scores:
+            ``1 - normal_quantile`` is the accepted false-alarm rate.
         pre_processor: anomalib pre-processor, or ``True`` for resize + CLIP normalisation.
         post_processor: anomalib post-processor, or ``True`` for the default.
         evaluator: anomalib evaluator, or ``True`` for image AUROC/AP/F1-max and pixel
@@ -200,6 +174,12 @@ class AnomalyCLIP(AnomalibModule):
         feature_cache: bool = True,
         feature_cache_dir: str | None = None,
         feature_cache_dtype: str = "float32",
+        k_shot: int = 0,
+        few_shot_source: str | None = None,
+        few_shot_layers: Sequence[int] | None = None,
+        few_shot_tokens: str = TokenPath.DPAM.value,
+        few_shot_fusion: str = FewShotFusion.MEAN.value,
+        normal_quantile: float = DEFAULT_NORMAL_QUANTILE,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -208,6 +188,8 @@ class AnomalyCLIP(AnomalibModule):
         check_storage_dtype(feature_cache_dtype)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor((image_size, image_size))
+        if post_processor is True:
+            post_processor = ProbabilityPostProcessor(check_quantile(normal_quantile))
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -233,14 +215,24 @@ class AnomalyCLIP(AnomalibModule):
             prompt_seed=seed,
             cache_dir=cache_dir,
         )
+        self.few_shot = few_shot_settings(
+            k_shot, few_shot_layers, few_shot_tokens, few_shot_fusion, self.model.feature_layers
+        )
+        if self.few_shot.k_shot:
+            self._build_few_shot(self.few_shot)
         self.loss = GlocalLoss(loss, local_loss_weight)
         self.class_name = class_name
-        self.learns_prompts = prompt_weights is None if train_prompts is None else train_prompts
+        # Prompts chosen by the data: none given and not asked to train; released prompts when nothing can teach them.
+        self.prompts_chosen_by_data = prompt_weights is None and not train_prompts
+        self.learns_prompts = not self.few_shot.k_shot and (
+            prompt_weights is None if train_prompts is None else train_prompts
+        )
         self.prompts_ready = weights_file is not None
         self._feature_cache: FeatureCache | None = None
         self._validation_cache: FeatureCache | None = None
-        if isinstance(self.post_processor, ProbabilityPostProcessor):
-            self.post_processor.set_probability_scale(len(self.model.feature_layers))
+        self._references: list[str] = []
+        self._references_restored = False
+        self._set_probability_scale()
         # The frozen CLIP is not stored in checkpoints (see on_save_checkpoint).
         self.strict_loading = False
 
@@ -262,7 +254,7 @@ class AnomalyCLIP(AnomalibModule):
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
-        """Normalised [0, 1] scores and maps; thresholds adapt on validation data (0.5 until then)."""
+        """Normalised [0, 1] scores and maps; thresholds from validation data (half of each range until then)."""
         return ProbabilityPostProcessor()
 
     @staticmethod
@@ -287,7 +279,9 @@ class AnomalyCLIP(AnomalibModule):
 
     @property
     def learning_type(self) -> LearningType:
-        """``ONE_CLASS`` (anomalib's "needs fitting") while prompts are to be learned, else ``ZERO_SHOT``."""
+        """``FEW_SHOT`` with k_shot; ``ONE_CLASS`` (anomalib's "needs fitting") to learn prompts; else ``ZERO_SHOT``."""
+        if self.few_shot.k_shot:
+            return LearningType.FEW_SHOT
         return LearningType.ONE_CLASS if self.learns_prompts else LearningType.ZERO_SHOT
 
     @property
@@ -314,12 +308,25 @@ class AnomalyCLIP(AnomalibModule):
         return torch.optim.Adam(parameters, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
 
     def setup(self, stage: str) -> None:
-        """Take the object name for object-aware prompts from the datamodule's category."""
-        del stage
-        if self.class_name is None and getattr(self, "_trainer", None) is not None:
-            category = getattr(self.trainer.datamodule, "category", None)
-            if isinstance(category, str) and category:
-                self.model.class_name = category
+        """Take the object name from the datamodule's category; choose released prompts for normal-only fit data.
+
+        ``fit`` on normal images only with prompts chosen by the data (the plain ``anomalib
+        train --model AnomalyCLIP --data MVTecAD``) has nothing to learn prompts from: the
+        released prompts are loaded, and the fit makes one pass over a single batch without a
+        gradient step, so that anomalib's validation thresholds and checkpoint follow.
+        """
+        if getattr(self, "_trainer", None) is None:
+            return
+        datamodule = self.trainer.datamodule
+        category = getattr(datamodule, "category", None)
+        if self.class_name is None and isinstance(category, str) and category:
+            self.model.class_name = category
+        learns_from_data = stage == TrainerFn.FITTING and self.learns_prompts and self.prompts_chosen_by_data
+        if learns_from_data and training_data_is_normal_only(datamodule):
+            self._load_released_prompts(f"the training data of {type(datamodule).__name__} holds only normal images")
+            self.learns_prompts = False
+            self.trainer.fit_loop.max_epochs = 1
+            self.trainer.limit_train_batches = 1
 
     def val_dataloader(self) -> list:
         """No validation data of the model's own.
@@ -334,7 +341,7 @@ class AnomalyCLIP(AnomalibModule):
         """Check that the training data can teach the prompts anything."""
         if self.learns_prompts:
             _check_training_data(self.trainer.datamodule)
-        self.prompts_ready = True
+            self.prompts_ready = True
 
     def on_train_start(self) -> None:
         """Open the feature cache of the training images (unless switched off)."""
@@ -357,21 +364,33 @@ class AnomalyCLIP(AnomalibModule):
         self.learns_prompts = False
 
     def on_validation_start(self) -> None:
-        """Refuse to evaluate prompts that were never trained or loaded; serve fit's validation from the cache."""
-        self._require_prompts()
+        """Make ready to score (prompts, references); serve fit's validation from the training feature cache."""
+        self._prepare_scoring()
         self._validation_cache = validation_feature_cache(self.trainer, self, self._feature_cache)
 
+    def on_validation_end(self) -> None:
+        """Save a checkpoint (prompts, references, thresholds) after a few-shot model's validation-only fit."""
+        if not self.few_shot.k_shot or self.trainer.state.fn != TrainerFn.VALIDATING or self.trainer.sanity_checking:
+            return
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and callback.dirpath is not None:
+            path = Path(callback.dirpath) / f"{callback.filename or 'model'}{callback.FILE_EXTENSION}"
+            self.trainer.save_checkpoint(path)
+            logger.info(
+                "AnomalyCLIP few-shot checkpoint (prompts, %d references, thresholds): %s", self.few_shot.k_shot, path
+            )
+
     def on_test_start(self) -> None:
-        """Refuse to evaluate prompts that were never trained or loaded."""
-        self._require_prompts()
+        """Make ready to score: prompts (refused if untrained), references."""
+        self._prepare_scoring()
 
     def on_predict_start(self) -> None:
-        """Refuse to predict with prompts that were never trained or loaded."""
-        self._require_prompts()
+        """Make ready to score: prompts (refused if untrained), references."""
+        self._prepare_scoring()
 
     def to_torch(self, export_root: str | Path, model_file_name: str = "model") -> Path:
         """Save the inference path for ``TorchInferencer`` (see :mod:`anomalib_anomalyclip.export`)."""
-        self._require_prompts()
+        self._require_ready_for_export()
         with inference_model_in_place(self):
             return super().to_torch(export_root, model_file_name)
 
@@ -386,7 +405,7 @@ class AnomalyCLIP(AnomalibModule):
 
         Also the first step of ``to_openvino``. Defaults to ONNX opset 18.
         """
-        self._require_prompts()
+        self._require_ready_for_export()
         kwargs.setdefault("opset_version", EXPORT_OPSET)
         with inference_model_in_place(self):
             return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
@@ -405,8 +424,10 @@ class AnomalyCLIP(AnomalibModule):
         return super().to_openvino(export_root, model_file_name, input_size, compression_type, datamodule, **kwargs)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """One step of prompt learning with the glocal loss."""
+        """One step of prompt learning with the glocal loss (nothing when the prompts are fixed)."""
         del args, kwargs
+        if not self.learns_prompts:
+            return None
         paths = getattr(batch, "image_path", None)
         features = visual_features(self.model.visual_encoder, batch.image, paths, self._feature_cache)
         outputs = self.model.outputs_from_features(*features, batch.image.shape[-2:], self._class_names(batch))
@@ -430,6 +451,8 @@ class AnomalyCLIP(AnomalibModule):
         Within ``fit``, images whose features the training cache holds are scored from them.
         """
         del args, kwargs
+        if self._validation_cache is None or self.model.few_shot is not None:
+            return batch.update(**self.model(batch.image)._asdict())
         paths = getattr(batch, "image_path", None)
         encoder = self.model.visual_encoder
         features = visual_features(encoder, batch.image, paths, self._validation_cache, record=False)
@@ -449,6 +472,14 @@ class AnomalyCLIP(AnomalibModule):
             "dpam_kind": self.model.visual_encoder.dpam_kind.value,
             "image_size": self.model.image_size,
         }
+        if self.few_shot.k_shot:
+            checkpoint[CHECKPOINT_INFO_KEY]["few_shot"] = {
+                "k_shot": self.few_shot.k_shot,
+                "layers": list(self.few_shot.layers),
+                "tokens": self.few_shot.tokens.value,
+                "fusion": self.few_shot.fusion.value,
+                "references": list(self._references),
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Load the prompts with a clear error when they were made for another configuration."""
@@ -459,6 +490,7 @@ class AnomalyCLIP(AnomalibModule):
         self.model.prompt_learner.load_prompt_state(state, source="the Lightning checkpoint")
         info = checkpoint.get(CHECKPOINT_INFO_KEY, {})
         self._warn_on_differences(info)
+        self._adopt_few_shot(info.get("few_shot"))
         self.prompts_ready = bool(info.get("prompts_trained", True))
         self.learns_prompts = False
 
@@ -482,6 +514,106 @@ class AnomalyCLIP(AnomalibModule):
             "To learn prompts, run `anomalib fit` with anomalib_anomalyclip.data.AuxiliaryDataModule."
         )
 
+    def _prepare_scoring(self) -> None:
+        """Prompts (released ones when the data chose them and none are loaded) and the few-shot references."""
+        if not self.prompts_ready and self.prompts_chosen_by_data:
+            self._load_released_prompts("no prompts were given and this run trains none")
+        self._require_prompts()
+        if self.few_shot.k_shot:
+            self._ensure_references(required=True)
+
+    def _load_released_prompts(self, reason: str) -> None:
+        datamodule = self.trainer.datamodule if getattr(self, "_trainer", None) is not None else None
+        released = released_prompts_for(datamodule)
+        logger.info(
+            "AnomalyCLIP uses the released prompts '%s' (trained on %s), because %s; pass --model.prompt_weights "
+            "to choose others.",
+            released.name,
+            released.trained_on,
+            reason,
+        )
+        self.model.prompt_learner.load_checkpoint(resolve_prompt_weights(released.name))
+        self.prompts_ready = True
+
+    def _ensure_references(self, required: bool) -> None:
+        """Fill the bank from the references unless it holds them already (this run, or restored from a checkpoint)."""
+        if self.model.few_shot.active and self._references_restored:
+            return
+        source = self._reference_source(required)
+        if source is None:
+            return
+        paths = choose_references(source.paths, self.few_shot.k_shot, self.hparams.seed or 0, source.description)
+        if self.model.few_shot.active and paths == self._references:
+            return
+        images = load_references(paths, source, self.pre_processor.transform if self.pre_processor else None)
+        left_out = self.model.remember_references(images.to(self.device))
+        self._references = paths
+        logger.info(
+            "AnomalyCLIP few-shot references (%d from %s): %s; memory bank %s, %.1f MB.",
+            len(paths),
+            source.description,
+            ", ".join(Path(path).name for path in paths),
+            "x".join(str(size) for size in self.model.few_shot.memory.shape),
+            self.model.few_shot.memory_bytes / 1e6,
+        )
+        if left_out is not None and isinstance(self.post_processor, ProbabilityPostProcessor):
+            self.post_processor.set_normal_thresholds(
+                left_out.pred_score, left_out.anomaly_map, "references scored leave-one-out"
+            )
+
+    def _reference_source(self, required: bool) -> ReferenceSource | None:
+        if self.hparams.few_shot_source:
+            return folder_references(self.hparams.few_shot_source)
+        datamodule = self.trainer.datamodule if getattr(self, "_trainer", None) is not None else None
+        if getattr(datamodule, "train_data", None) is not None:
+            return datamodule_references(datamodule)
+        if not required:
+            return None
+        raise ValueError(
+            f"k_shot={self.few_shot.k_shot} needs normal reference images, but there is no datamodule with a train "
+            "split. Give a folder of normal images with --model.few_shot_source, or --ckpt_path a checkpoint of a "
+            "few-shot run (it holds the references)."
+        )
+
+    def _require_ready_for_export(self) -> None:
+        self._require_prompts()
+        if self.few_shot.k_shot and not self.model.few_shot.active:
+            if not self.hparams.few_shot_source:
+                raise ValueError(
+                    "This few-shot model holds no references yet, so an export would be zero-shot. Export with "
+                    "--ckpt_path of the checkpoint that `anomalib train` saved, or give --model.few_shot_source."
+                )
+            self._ensure_references(required=True)
+
+    def _build_few_shot(self, settings: FewShotSettings) -> None:
+        scorer = self.model._few_shot_scorer(settings.taps, settings.fusion)
+        self.model.few_shot = scorer.to(self.model.text_features.device)
+        self.few_shot = settings
+
+    def _adopt_few_shot(self, stored: dict[str, Any] | None) -> None:
+        """Take the few-shot settings of a checkpoint; a few-shot model must match them."""
+        if not stored:
+            return
+        settings = few_shot_settings(
+            int(stored["k_shot"]), stored["layers"], stored["tokens"], stored["fusion"], self.model.feature_layers
+        )
+        if self.few_shot.k_shot and settings.taps != self.few_shot.taps:
+            raise PromptCheckpointError(
+                f"The checkpoint's few-shot bank reads layers {list(settings.layers)} ({settings.tokens.value} "
+                f"tokens); this model reads {list(self.few_shot.layers)} ({self.few_shot.tokens.value}). Drop the "
+                "few_shot_layers/few_shot_tokens arguments to use the checkpoint's."
+            )
+        if not self.few_shot.k_shot:
+            self._build_few_shot(settings)
+            self._set_probability_scale()
+        self._references = list(stored.get("references", []))
+        self._references_restored = True
+
+    def _set_probability_scale(self) -> None:
+        if isinstance(self.post_processor, ProbabilityPostProcessor):
+            # Fused few-shot maps lie in [0, 1]; zero-shot maps are summed over the feature layers.
+            self.post_processor.set_probability_scale(1.0 if self.few_shot.k_shot else len(self.model.feature_layers))
+
     def _class_names(self, batch: Batch) -> list[str] | None:
         if self.model.prompt_learner.config.prompt_type is PromptType.OBJECT_AGNOSTIC:
             return None
@@ -497,6 +629,14 @@ def _masks_and_presence(batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor
         return None, has_pixel_mask(batch)
     masks = batch.gt_mask.float()
     return (masks.squeeze(1) if masks.dim() == 4 else masks), has_pixel_mask(batch)
+
+
+def training_data_is_normal_only(datamodule: object) -> bool:
+    """Whether the datamodule's train split is known to hold normal images only (anomalib's one-class data)."""
+    samples = getattr(getattr(datamodule, "train_data", None), "samples", None)
+    if samples is None or "label_index" not in getattr(samples, "columns", ()):
+        return False
+    return bool(len(samples)) and not bool((samples["label_index"] == 1).any())
 
 
 def _check_training_data(datamodule: object) -> None:

@@ -25,7 +25,8 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from .backbone import load_clip
-from .dpam import DpamKind, DualPathVisualEncoder
+from .dpam import DpamKind, DualPathVisualEncoder, Tap, check_layers
+from .few_shot import FewShotFusion, FewShotScorer
 from .inference_model import AnomalyCLIPInferenceModel, score_features, score_images
 from .prompts import AGNOSTIC_OBJECT, PromptConfig, PromptLearner, PromptTextEncoder, PromptType
 from .scoring import GaussianSmoothing, patch_probability_maps, similarity_logits
@@ -67,6 +68,9 @@ class AnomalyCLIPModel(nn.Module):
         prompt_seed: seed of the prompts' random initialisation (111 as the reference;
             ``None``: torch's global generator).
         cache_dir: open_clip download cache.
+        few_shot_taps: where the few-shot memory bank reads patch tokens; ``None``: no bank
+            (zero-shot). The bank is filled by :meth:`remember_references`.
+        few_shot_fusion: how the few-shot map joins the zero-shot map (see :mod:`.few_shot`).
     """
 
     def __init__(
@@ -87,6 +91,8 @@ class AnomalyCLIPModel(nn.Module):
         smoothing_sigma: float = 4.0,
         prompt_seed: int | None = 111,
         cache_dir: str | None = None,
+        few_shot_taps: Sequence[Tap] | None = None,
+        few_shot_fusion: FewShotFusion | str = FewShotFusion.MEAN,
     ) -> None:
         super().__init__()
         clip = load_clip(backbone, pretrained, cache_dir=cache_dir)
@@ -105,6 +111,7 @@ class AnomalyCLIPModel(nn.Module):
         self.prompt_learner = PromptLearner(config, generator)
         self.text_encoder = PromptTextEncoder(clip, config)
         self.smoothing = GaussianSmoothing(smoothing_sigma)
+        self.few_shot = self._few_shot_scorer(few_shot_taps, few_shot_fusion)
         self.register_buffer("text_features", torch.zeros(1, 2, clip.text_projection.shape[1]), persistent=False)
         self._text_features_key: tuple | None = None
         if prompt_weights is not None:
@@ -155,7 +162,8 @@ class AnomalyCLIPModel(nn.Module):
         """
         if self.training:
             return self.training_outputs(images, class_names)
-        return score_images(self.visual_encoder, self.smoothing, images, self.inference_text_features())
+        text_features = self.inference_text_features()
+        return score_images(self.visual_encoder, self.smoothing, images, text_features, self.few_shot)
 
     def scores_from_features(
         self, global_embedding: torch.Tensor, patch_tokens: Sequence[torch.Tensor], size: Sequence[int]
@@ -179,7 +187,72 @@ class AnomalyCLIPModel(nn.Module):
         Shares the visual encoder and smoothing with this model; holds no prompts and no
         text encoder. This is what gets exported.
         """
-        return AnomalyCLIPInferenceModel(self.visual_encoder, self.inference_text_features(), self.smoothing)
+        text_features = self.inference_text_features()
+        return AnomalyCLIPInferenceModel(self.visual_encoder, text_features, self.smoothing, self.few_shot)
+
+    def remember_references(self, images: torch.Tensor, batch_size: int = 8) -> InferenceBatch | None:
+        """Fill the few-shot bank with the patch tokens of normal reference images.
+
+        Args:
+            images: (k, 3, H, W) CLIP-normalised reference images.
+            batch_size: references encoded at once.
+
+        Returns:
+            With two or more references, each reference scored against the bank of the
+            others (leave-one-out): scores and maps of normal images, for thresholds.
+            ``None`` with a single reference.
+        """
+        if self.few_shot is None:
+            raise RuntimeError("This model has no few-shot bank; build it with few_shot_taps.")
+        taps = self.visual_encoder.feature_taps + self.few_shot.taps
+        with torch.no_grad():
+            encoded = [self.visual_encoder.encode(chunk, taps) for chunk in images.split(batch_size)]
+        global_embedding = torch.cat([embedding for embedding, _ in encoded])
+        tokens = [torch.cat(layer) for layer in zip(*(layers for _, layers in encoded), strict=True)]
+        layers = len(self.feature_layers)
+        self.few_shot.remember(tokens[layers:])
+        if images.shape[0] < 2:
+            return None
+        return self._leave_one_out(global_embedding, tokens[:layers], tokens[layers:], images.shape[-2:])
+
+    def _leave_one_out(
+        self,
+        global_embedding: torch.Tensor,
+        patch_tokens: Sequence[torch.Tensor],
+        bank_tokens: Sequence[torch.Tensor],
+        size: Sequence[int],
+    ) -> InferenceBatch:
+        size = (int(size[0]), int(size[1]))
+        grid = self.visual_encoder.grid_size(size)
+        rows = bank_tokens[0].shape[1]
+        text_features = self.inference_text_features()
+        outputs = []
+        with torch.no_grad():
+            for index in range(global_embedding.shape[0]):
+                scorer = self.few_shot.without_rows(index * rows, (index + 1) * rows)
+                one = slice(index, index + 1)
+                outputs.append(
+                    score_features(
+                        global_embedding[one],
+                        [layer[one] for layer in patch_tokens],
+                        grid,
+                        size,
+                        self.smoothing,
+                        text_features,
+                        scorer,
+                        [layer[one] for layer in bank_tokens],
+                    )
+                )
+        return InferenceBatch(
+            pred_score=torch.cat([output.pred_score for output in outputs]),
+            anomaly_map=torch.cat([output.anomaly_map for output in outputs]),
+        )
+
+    def _few_shot_scorer(self, taps: Sequence[Tap] | None, fusion: FewShotFusion | str) -> FewShotScorer | None:
+        if taps is None:
+            return None
+        check_layers([layer for layer, _ in taps], self.visual_encoder.depth, "few_shot_layers")
+        return FewShotScorer(taps, fusion, self.visual_encoder.output_dim)
 
     def training_outputs(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> TrainingOutput:
         """Image logits and per-layer probability maps, differentiable w.r.t. the prompts."""

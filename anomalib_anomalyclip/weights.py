@@ -157,6 +157,16 @@ def resolve_prompt_weights(
     return _local_file(Path(text).expanduser(), original=spec)
 
 
+def released_prompts_for(datamodule: object) -> ReleasedPrompts:
+    """The released prompts to use zero-shot on ``datamodule``: those trained on the other dataset.
+
+    ``anomalyclip-visa`` for MVTec AD (and datamodules derived from anomalib's ``MVTecAD``),
+    ``anomalyclip-mvtec`` for everything else, as the authors evaluate.
+    """
+    names = {cls.__name__ for cls in type(datamodule).__mro__}
+    return RELEASED_PROMPTS["anomalyclip-visa" if names & {"MVTecAD", "MVTec"} else "anomalyclip-mvtec"]
+
+
 def prompt_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Directory where downloaded prompt checkpoints are kept.
 
