@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from anomalib.models.components.base import DynamicBufferMixin
+from torch import nn
 
 from .dpam import Tap, TokenPath
 
@@ -88,7 +88,7 @@ def _harmonic(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return 2 * first * second / (first + second + _EPSILON)
 
 
-class FewShotScorer(DynamicBufferMixin):
+class FewShotScorer(nn.Module):
     """The memory bank of normal patch tokens and the few-shot map.
 
     Args:
@@ -145,6 +145,8 @@ class FewShotScorer(DynamicBufferMixin):
                 f"model reads {len(self.taps)} tap(s) of {self.memory.shape[-1]}-dim tokens. Use the few-shot "
                 "layers, token path and backbone the checkpoint was made with."
             )
+        if memory is not None:
+            self.memory = torch.empty_like(memory, device=self.memory.device)  # the bank's size is the stored one
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 

@@ -184,8 +184,9 @@ def test_wrong_prompts_fail_with_a_clear_message(
     assert result.returncode != 0
     assert "missing.pth" in result.stdout + result.stderr
 
+    # Asked to train prompts, but `test` trains none: refused (without the flag, released prompts are taken).
     result = anomalib_cli(
-        "test", *_model_args(tiny_clip_path),
+        "test", *_model_args(tiny_clip_path), "--model.train_prompts", "true",
         "--data", "MVTecAD", "--data.root", "data", "--data.category", HELD_OUT, "--data.num_workers", "0",
         cwd=workspace, check=False,
     )  # fmt: skip

@@ -45,7 +45,7 @@ def test_default_pre_processor_resizes_to_image_size(tiny_clip_path: Path) -> No
 
 
 def test_untrained_prompts_are_never_used_silently(tiny_clip_path: Path) -> None:
-    model = _model(tiny_clip_path)
+    model = _model(tiny_clip_path, train_prompts=True)
     for hook in (model.on_test_start, model.on_predict_start, model.on_validation_start):
         with pytest.raises(PromptsUnavailableError, match=r"--model\.prompt_weights anomalyclip-mvtec"):
             hook()

@@ -1,0 +1,226 @@
+"""How much k normal references add to zero-shot AnomalyCLIP, on generated categories no prompt was trained on.
+
+The study (run by ``benchmarks/few_shot.py`` and asserted by the tests):
+
+1. generates MVTec-format categories (dark or bright blobs and scratches as defects):
+   *auxiliary* ones whose labelled test splits train the prompts (anomalib's Engine with
+   :class:`~anomalib_anomalyclip.data.AuxiliaryDataModule`), and *target* ones of each kind
+   (texture, object on a background, grayscale) that the prompts never see;
+2. encodes every target image once (the global embedding, the feature taps and the bank's
+   taps), so that all ``k`` and fusions reuse the same features;
+3. for each ``k``, fills the bank with ``k`` train images chosen as the model chooses them
+   (:func:`~anomalib_anomalyclip.few_shot.choose_references`) and scores the test split
+   zero-shot (``k = 0``) and with each fusion: image AUROC and pixel AUROC.
+
+The data are random textures and shapes with painted defects and the CLIP is tiny and
+random: the numbers show what the bank adds over the same prompts, not real accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from anomalib.engine import Engine
+from torchmetrics.functional.classification import binary_auroc
+
+from ..data.auxiliary import AuxiliaryDataModule
+from ..data.images import list_image_files, read_image, read_mask
+from ..data.synthetic import make_mvtec_like_dataset
+from ..few_shot import FewShotFusion, FewShotScorer, choose_references
+from ..inference_model import score_features
+from ..lightning_model import AnomalyCLIP
+
+AUXILIARY_KINDS = {
+    "aux_texture_a": "texture",
+    "aux_texture_b": "texture",
+    "aux_object": "object",
+    "aux_gray": "grayscale",
+}
+TARGET_KINDS = {"target_texture": "texture", "target_object": "object", "target_gray": "grayscale"}
+DEFECTS = ("blob", "scratch")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Sizes of the study.
+
+    Attributes:
+        image_size: side of the generated images and of the model input.
+        shots: the ``k`` to evaluate (0, zero-shot, is always included).
+        epochs: prompt-training epochs on the auxiliary categories.
+        n_train_good: normal train images per target category (the reference pool).
+        n_test: normal and defective test images per category (each).
+        seed: data and reference-choice seed.
+    """
+
+    image_size: int = 112
+    shots: Sequence[int] = (1, 2, 4, 8)
+    epochs: int = 6
+    n_train_good: int = 8
+    n_test: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the study: a category, k, a fusion, and the two AUROCs."""
+
+    category: str
+    kind: str
+    k_shot: int
+    fusion: str
+    image_auroc: float
+    pixel_auroc: float
+
+
+@dataclass
+class _Encoded:
+    global_embedding: torch.Tensor
+    patch_tokens: list[torch.Tensor]
+    bank_tokens: list[torch.Tensor]
+
+
+def generate(root: Path, config: StudyConfig) -> tuple[Path, Path]:
+    """The auxiliary and target datasets under ``root``."""
+    common = {"image_size": config.image_size, "seed": config.seed, "overwrite": True}
+    auxiliary = make_mvtec_like_dataset(
+        root / "auxiliary",
+        list(AUXILIARY_KINDS),
+        n_train_good=2,
+        n_test_good=6,
+        n_test_defect=6,
+        kinds=AUXILIARY_KINDS,
+        **common,
+    )
+    targets = make_mvtec_like_dataset(
+        root / "targets",
+        list(TARGET_KINDS),
+        n_train_good=config.n_train_good,
+        n_test_good=config.n_test,
+        n_test_defect=config.n_test,
+        kinds=TARGET_KINDS,
+        defects=DEFECTS,
+        **common,
+    )
+    return auxiliary, targets
+
+
+def train_prompts(auxiliary: Path, clip_path: Path, work_dir: Path, config: StudyConfig) -> AnomalyCLIP:
+    """Prompts learned on the auxiliary categories (the paper's protocol, in small)."""
+    model = AnomalyCLIP(pretrained=str(clip_path), image_size=config.image_size, epochs=config.epochs, visualizer=False)
+    datamodule = AuxiliaryDataModule(
+        sources=[{"format": "mvtec", "root": str(auxiliary)}], train_batch_size=8, num_workers=0, seed=config.seed
+    )
+    engine = Engine(
+        default_root_dir=work_dir,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        max_epochs=config.epochs,
+    )
+    engine.fit(model, datamodule=datamodule)
+    return model
+
+
+def evaluate(model: AnomalyCLIP, targets: Path, config: StudyConfig) -> list[Row]:
+    """Zero-shot and few-shot rows for every target category, k and fusion."""
+    rows = []
+    for category, kind in TARGET_KINDS.items():
+        rows.extend(_evaluate_category(model, targets / category, category, kind, config))
+    return rows
+
+
+def _evaluate_category(model: AnomalyCLIP, folder: Path, category: str, kind: str, config: StudyConfig) -> list[Row]:
+    torch_model = model.model.eval()
+    taps = torch_model.visual_encoder.feature_taps
+    test_paths = list_image_files(folder / "test")
+    labels = torch.tensor([0 if path.parent.name == "good" else 1 for path in test_paths])
+    masks = torch.stack([_mask(folder, path, config.image_size) for path in test_paths])
+    test = _encode(model, test_paths, taps)
+    pool = [str(path) for path in list_image_files(folder / "train" / "good")]
+    rows = [_row(category, kind, 0, "zero_shot", _score(model, test, None, config), labels, masks)]
+    for k_shot in config.shots:
+        references = choose_references(pool, k_shot, config.seed, f"{category}/train/good")
+        bank = _encode(model, [Path(path) for path in references], taps).bank_tokens
+        for fusion in FewShotFusion:
+            scorer = FewShotScorer(taps, fusion, torch_model.visual_encoder.output_dim)
+            scorer.remember(bank)
+            rows.append(_row(category, kind, k_shot, fusion.value, _score(model, test, scorer, config), labels, masks))
+    return rows
+
+
+def _encode(model: AnomalyCLIP, paths: Sequence[Path], bank_taps: Sequence) -> _Encoded:
+    encoder = model.model.visual_encoder
+    images = torch.cat([model.pre_processor.transform(read_image(path).unsqueeze(0)) for path in paths])
+    feature_taps = encoder.feature_taps
+    with torch.no_grad():
+        global_embedding, tokens = encoder.encode(images, feature_taps + tuple(bank_taps))
+    return _Encoded(global_embedding, tokens[: len(feature_taps)], tokens[len(feature_taps) :])
+
+
+def _score(model: AnomalyCLIP, encoded: _Encoded, scorer: FewShotScorer | None, config: StudyConfig):
+    torch_model = model.model
+    size = (config.image_size, config.image_size)
+    grid = torch_model.visual_encoder.grid_size(size)
+    with torch.no_grad():
+        return score_features(
+            encoded.global_embedding,
+            encoded.patch_tokens,
+            grid,
+            size,
+            torch_model.smoothing,
+            torch_model.inference_text_features(),
+            scorer,
+            encoded.bank_tokens,
+        )
+
+
+def _mask(folder: Path, image: Path, size: int) -> torch.Tensor:
+    if image.parent.name == "good":
+        return torch.zeros(size, size, dtype=torch.long)
+    mask_path = folder / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
+    mask = read_mask(mask_path).float()[None, None]
+    return (F.interpolate(mask, size=(size, size), mode="nearest")[0, 0] > 0.5).long()
+
+
+def _row(category: str, kind: str, k_shot: int, fusion: str, outputs, labels: torch.Tensor, masks: torch.Tensor) -> Row:
+    image = float(binary_auroc(outputs.pred_score, labels))
+    pixel = float(binary_auroc(outputs.anomaly_map[:, 0].flatten(), masks.flatten()))
+    return Row(category, kind, k_shot, fusion, image, pixel)
+
+
+def mean_by_setting(rows: Sequence[Row]) -> dict[tuple[int, str], tuple[float, float]]:
+    """Mean (image, pixel) AUROC over the categories, per (k, fusion)."""
+    settings: dict[tuple[int, str], list[Row]] = {}
+    for row in rows:
+        settings.setdefault((row.k_shot, row.fusion), []).append(row)
+    return {
+        key: (
+            sum(row.image_auroc for row in group) / len(group),
+            sum(row.pixel_auroc for row in group) / len(group),
+        )
+        for key, group in settings.items()
+    }
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """Mean image / pixel AUROC per k (rows) and fusion (columns), in percent."""
+    means = mean_by_setting(rows)
+    shots = sorted({k for k, _ in means})
+    fusions = [fusion.value for fusion in FewShotFusion]
+    lines = ["| k | " + " | ".join(f"{fusion} (image / pixel)" for fusion in fusions) + " |"]
+    lines.append("|---|" + "---|" * len(fusions))
+    for k_shot in shots:
+        if k_shot == 0:
+            image, pixel = means[(0, "zero_shot")]
+            cells = [f"{100 * image:.1f} / {100 * pixel:.1f} (zero-shot)"] * len(fusions)
+        else:
+            cells = [f"{100 * means[(k_shot, f)][0]:.1f} / {100 * means[(k_shot, f)][1]:.1f}" for f in fusions]
+        lines.append(f"| {k_shot} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
