@@ -41,10 +41,15 @@ def register() -> None:
     """Make ``AnomalyCLIP`` (and ``ExportedAnomalyCLIP``) known to anomalib by short name.
 
     Imports the Lightning models (so that they are subclasses of ``AnomalibModule`` that
-    the CLI and ``anomalib.models.get_model`` can find) and exposes them as
-    ``anomalib.models.AnomalyCLIP`` and ``anomalib.models.ExportedAnomalyCLIP``. Called
+    the CLI and ``anomalib.models.get_model`` can find), exposes them as
+    ``anomalib.models.AnomalyCLIP`` and ``anomalib.models.ExportedAnomalyCLIP``, and adds
+    this package to the modules that ``get_model`` accepts full class paths from. Called
     automatically by the import hook that the package installs; calling it again does nothing.
     """
+    models = sys.modules.get("anomalib.models") or importlib.import_module("anomalib.models")
+    allowed = getattr(models, "ALLOWED_MODULES", None)
+    if isinstance(allowed, set):
+        allowed.update({__name__, *(_LAZY_ATTRIBUTES[name] for name in _ANOMALIB_MODELS)})
     for name in _ANOMALIB_MODELS:
         # Each module exposes its model when it has run; one being imported right now does so when it is complete.
         importlib.import_module(_LAZY_ATTRIBUTES[name])

@@ -107,29 +107,21 @@ class DualPathVisualEncoder(nn.Module):
         """The taps that make the zero-shot anomaly maps: the DPAM stream of the feature layers."""
         return tuple(Tap(layer, TokenPath.DPAM) for layer in self.feature_layers)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, images: torch.Tensor, taps: Sequence[Tap] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Encode a normalised image batch.
 
         Args:
             images: (B, 3, H, W) images, CLIP-normalised.
-
-        Returns:
-            The global embedding (B, D) and, for each feature layer, the projected patch
-            tokens (B, N, D) without the CLS token, N = rows * columns of the patch grid.
-        """
-        return self.encode(images, self.feature_taps)
-
-    def encode(self, images: torch.Tensor, taps: Sequence[Tap]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Encode a normalised image batch, reading patch tokens at ``taps``.
-
-        Args:
-            images: (B, 3, H, W) images, CLIP-normalised.
-            taps: where to read projected patch tokens; a tap may appear more than once.
+            taps: where to read projected patch tokens (a tap may appear more than once);
+                ``None``: :attr:`feature_taps`, the tokens of the zero-shot maps.
 
         Returns:
             The global embedding (B, D) and, per tap in the given order, the projected
-            patch tokens (B, N, D) without the CLS token.
+            patch tokens (B, N, D) without the CLS token, N = rows * columns of the patch grid.
         """
+        taps = self.feature_taps if taps is None else taps
         taps = [Tap(int(layer), TokenPath(path)) for layer, path in taps]
         check_layers([tap.layer for tap in taps], self.depth, "tapped layers")
         dpam_layers = [tap.layer for tap in taps if tap.path is TokenPath.DPAM or not self._dual(tap.layer)]

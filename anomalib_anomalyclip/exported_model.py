@@ -129,12 +129,18 @@ class ExportedAnomalyCLIP(AnomalibModule):
 
     def __init__(
         self,
-        path: str,
+        path: str | None = None,
         device: str = "CPU",
         config: dict[str, Any] | None = None,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        if path is None:
+            raise ValueError(
+                "ExportedAnomalyCLIP scores images with an exported AnomalyCLIP file and needs its path: "
+                "--model.path <export_root>/weights/openvino/model.xml (or .onnx, or weights/torch/model.pt), "
+                "as written by `anomalib export --model AnomalyCLIP ...`."
+            )
         super().__init__(pre_processor=False, post_processor=False, evaluator=evaluator, visualizer=visualizer)
         self.model = ExportedGraph(path, device, config)
 

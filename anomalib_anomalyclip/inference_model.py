@@ -51,7 +51,7 @@ def score_images(
     """
     feature_taps = visual_encoder.feature_taps
     bank_taps = few_shot.taps if few_shot is not None and few_shot.active else ()
-    global_embedding, tokens = visual_encoder.encode(images, feature_taps + bank_taps)
+    global_embedding, tokens = visual_encoder(images, feature_taps + bank_taps)
     size = (images.shape[-2], images.shape[-1])
     grid = visual_encoder.grid_size(size)
     patch_tokens, bank_tokens = tokens[: len(feature_taps)], tokens[len(feature_taps) :]

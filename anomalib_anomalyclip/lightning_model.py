@@ -451,7 +451,7 @@ class AnomalyCLIP(AnomalibModule):
         Within ``fit``, images whose features the training cache holds are scored from them.
         """
         del args, kwargs
-        if self._validation_cache is None or self.model.few_shot is not None:
+        if self.model.few_shot is not None:
             return batch.update(**self.model(batch.image)._asdict())
         paths = getattr(batch, "image_path", None)
         encoder = self.model.visual_encoder
@@ -539,7 +539,8 @@ class AnomalyCLIP(AnomalibModule):
         """Fill the bank from the references unless it holds them already (this run, or restored from a checkpoint)."""
         if self.model.few_shot.active and self._references_restored:
             return
-        source = self._reference_source(required)
+        # Without a source (e.g. predicting on a folder after fit), a filled bank stays as it is.
+        source = self._reference_source(required and not self.model.few_shot.active)
         if source is None:
             return
         paths = choose_references(source.paths, self.few_shot.k_shot, self.hparams.seed or 0, source.description)

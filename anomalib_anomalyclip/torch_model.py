@@ -206,7 +206,7 @@ class AnomalyCLIPModel(nn.Module):
             raise RuntimeError("This model has no few-shot bank; build it with few_shot_taps.")
         taps = self.visual_encoder.feature_taps + self.few_shot.taps
         with torch.no_grad():
-            encoded = [self.visual_encoder.encode(chunk, taps) for chunk in images.split(batch_size)]
+            encoded = [self.visual_encoder(chunk, taps) for chunk in images.split(batch_size)]
         global_embedding = torch.cat([embedding for embedding, _ in encoded])
         tokens = [torch.cat(layer) for layer in zip(*(layers for _, layers in encoded), strict=True)]
         layers = len(self.feature_layers)

@@ -5,10 +5,10 @@ subclasses of ``AnomalibModule`` that are imported when the arguments are parsed
 module, imported from ``anomalib_anomalyclip.pth`` at interpreter start-up, installs a
 tiny import hook, so that unrelated programs pay nothing measurable:
 
-* when ``anomalib.cli.cli`` finishes importing, ``anomalib_anomalyclip`` is imported and
-  registered, so the CLI sees the class before it parses;
-* when ``anomalib.models`` finishes importing in a program that already imported
-  ``anomalib_anomalyclip``, the class is registered there (``get_model``).
+* when ``anomalib.models`` finishes importing (anomalib's CLI, its tools such as
+  ``tools/inference/lightning_inference.py``, ``get_model``, user code), ``anomalib_anomalyclip``
+  is imported and registered, so that every place where anomalib resolves a model name
+  sees the class before it looks.
 
 Only ``sys`` is imported and annotations are strings: ``typing`` would cost ~10 ms,
 ``importlib.abc`` ~25 ms and even ``__future__`` plus ``importlib.machinery`` ~0.8 ms at
@@ -27,20 +27,11 @@ if TYPE_CHECKING:
 PACKAGE = "anomalib_anomalyclip"
 
 
-def _register_for_cli() -> None:
+def _register() -> None:
     __import__(PACKAGE).register()
 
 
-def _register_if_imported() -> None:
-    package = sys.modules.get(PACKAGE)
-    if package is not None:
-        package.register()
-
-
-TRIGGERS = {
-    "anomalib.cli.cli": _register_for_cli,
-    "anomalib.models": _register_if_imported,
-}
+TRIGGERS = {"anomalib.models": _register}
 
 
 class _RunAfterLoader:

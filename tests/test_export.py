@@ -285,3 +285,38 @@ def test_bf16_hint_is_refused_on_cpus_without_bf16(monkeypatch: pytest.MonkeyPat
         check_precision_hint("CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
     check_precision_hint("CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     check_precision_hint("CPU", None)
+
+
+def test_few_shot_exports_carry_the_bank_and_match_eager(
+    workspace: Path, clip_path: Path, prompt_path: Path, images: torch.Tensor, tmp_path: Path
+) -> None:
+    references = workspace / "data" / "alpha" / "train" / "good"
+    model = AnomalyCLIP(
+        pretrained=str(clip_path),
+        prompt_weights=str(prompt_path),
+        k_shot=4,
+        few_shot_source=str(references),
+        **MODEL_ARGS,
+    ).eval()
+    model._ensure_references(required=True)
+    bank_rows = 4 * (IMAGE_SIZE // 14) ** 2
+    assert model.model.few_shot.memory.shape[1] == bank_rows
+    with torch.inference_mode():
+        outputs = model(images)
+    eager = {name: getattr(outputs, name).numpy() for name in OUTPUTS}
+    zero_shot = AnomalyCLIP(pretrained=str(clip_path), prompt_weights=str(prompt_path), **MODEL_ARGS).eval()
+    with torch.inference_mode():
+        assert not np.allclose(zero_shot(images).pred_score.numpy(), eager["pred_score"], atol=1e-3)
+
+    onnx_path = model.to_onnx(tmp_path)
+    shapes = [tuple(initializer.dims) for initializer in onnx.load(str(onnx_path)).graph.initializer]
+    assert not [shape for shape in shapes if VOCAB_SIZE in shape]  # no text encoder
+    assert [shape for shape in shapes if bank_rows in shape]  # the bank is a constant
+    for path in (onnx_path, model.to_openvino(tmp_path)):
+        differences = _max_differences(_openvino_outputs(path, images), eager)
+        assert max(differences.values()) <= TOLERANCE, (path.suffix, differences)
+    saved = torch.load(model.to_torch(tmp_path), map_location="cpu", weights_only=False)["model"]
+    assert not [key for key in saved.state_dict() if "text_encoder" in key or "prompt_learner" in key]
+    with torch.inference_mode():
+        differences = _max_differences({name: getattr(saved(images), name).numpy() for name in OUTPUTS}, eager)
+    assert max(differences.values()) <= TOLERANCE, differences

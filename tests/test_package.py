@@ -67,15 +67,20 @@ def _fresh_python(code: str) -> str:
     return result.stdout.strip()
 
 
-def test_get_model_finds_anomalyclip_after_importing_the_package(tiny_clip_path: Path) -> None:
+def test_anomalib_resolves_the_model_by_short_name_and_class_path(tiny_clip_path: Path) -> None:
+    # As anomalib's tools do: only anomalib.models is imported, never this package by name.
     code = (
-        "import anomalib_anomalyclip\n"
-        "from anomalib.models import get_model\n"
-        f"model = get_model('AnomalyCLIP', pretrained={str(tiny_clip_path)!r}, image_size=56)\n"
-        "import anomalib.models\n"
-        "print(type(model).__name__, anomalib.models.AnomalyCLIP is type(model))"
+        "from anomalib.models import get_model, UnknownModelError\n"
+        f"args = dict(pretrained={str(tiny_clip_path)!r}, image_size=56)\n"
+        "short = get_model('AnomalyCLIP', **args)\n"
+        "full = get_model({'class_path': 'anomalib_anomalyclip.AnomalyCLIP', 'init_args': args})\n"
+        "print(type(short).__name__, type(full) is type(short))\n"
+        "try:\n"
+        "    get_model('ExportedAnomalyCLIP')\n"
+        "except ValueError as error:\n"
+        "    print('--model.path' in str(error))"
     )
-    assert _fresh_python(code).splitlines()[-1] == "AnomalyCLIP True"
+    assert _fresh_python(code).splitlines()[-2:] == ["AnomalyCLIP True", "True"]
 
 
 def test_the_start_up_hook_imports_nothing_heavy() -> None:

@@ -160,7 +160,7 @@ def _encode(model: AnomalyCLIP, paths: Sequence[Path], bank_taps: Sequence) -> _
     images = torch.cat([model.pre_processor.transform(read_image(path).unsqueeze(0)) for path in paths])
     feature_taps = encoder.feature_taps
     with torch.no_grad():
-        global_embedding, tokens = encoder.encode(images, feature_taps + tuple(bank_taps))
+        global_embedding, tokens = encoder(images, feature_taps + tuple(bank_taps))
     return _Encoded(global_embedding, tokens[: len(feature_taps)], tokens[len(feature_taps) :])
 
 
