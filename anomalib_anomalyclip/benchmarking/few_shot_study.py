@@ -12,6 +12,9 @@ The study (run by ``benchmarks/few_shot.py`` and asserted by the tests):
    (:func:`~anomalib_anomalyclip.few_shot.choose_references`) and scores the test split
    zero-shot (``k = 0``) and with each fusion: image AUROC and pixel AUROC.
 
+:func:`false_alarm_rate` measures the other half of the few-shot story: thresholds set
+from normal images only (``normal_quantile``), checked on other normal images.
+
 The data are random textures and shapes with painted defects and the CLIP is tiny and
 random: the numbers show what the bank adds over the same prompts, not real accuracy.
 """
@@ -24,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from anomalib.data import MVTecAD
+from anomalib.data.utils import ValSplitMode
 from anomalib.engine import Engine
 from torchmetrics.functional.classification import binary_auroc
 
@@ -224,3 +229,25 @@ def markdown_table(rows: Sequence[Row]) -> str:
             cells = [f"{100 * means[(k_shot, f)][0]:.1f} / {100 * means[(k_shot, f)][1]:.1f}" for f in fusions]
         lines.append(f"| {k_shot} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def false_alarm_rate(model: AnomalyCLIP, root: Path, category: str, work_dir: Path, seed: int = 0) -> float:
+    """Share of the test split's normal images that ``model`` calls anomalous.
+
+    The validation split is half of the train split's normal images (anomalib's
+    ``from_train``), so the model's thresholds come from normal images only; with
+    ``k_shot`` the references are taken from the other half.
+    """
+    datamodule = MVTecAD(
+        root=root,
+        category=category,
+        val_split_mode=ValSplitMode.FROM_TRAIN,
+        val_split_ratio=0.5,
+        num_workers=0,
+        seed=seed,
+    )
+    engine = Engine(default_root_dir=work_dir, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    predictions = engine.predict(model, datamodule=datamodule)
+    labels = torch.cat([batch.gt_label for batch in predictions]).bool()
+    decisions = torch.cat([batch.pred_label for batch in predictions]).bool().flatten()
+    return float(decisions[~labels].float().mean())
