@@ -45,6 +45,7 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 
 from . import expose_in_anomalib
 from .callbacks import ConvertingImageVisualizer, model_callbacks
+from .checkpoints import CheckedCheckpointLoading
 from .data.auxiliary import has_pixel_mask
 from .dpam import DpamKind
 from .errors import explain_setup_errors
@@ -124,7 +125,7 @@ class ProbabilityPostProcessor(PostProcessor):
         return torch.where(preds < threshold, below, above).clamp(0, 1)
 
 
-class AnomalyCLIP(AnomalibModule):
+class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
     """AnomalyCLIP: object-agnostic prompt learning for zero-shot anomaly detection.
 
     Args:
