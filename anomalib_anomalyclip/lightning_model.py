@@ -58,6 +58,7 @@ from .feature_cache import (
     visual_features,
 )
 from .loss import GlocalLoss, LossVariant
+from .metrics import PaperAUPRO
 from .prompts import AGNOSTIC_OBJECT, PromptCheckpointError, PromptType, prompts_of_lightning_checkpoint
 from .torch_model import AnomalyCLIPModel
 from .weights import resolve_prompt_weights
@@ -268,7 +269,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
-        """Image AUROC, AP and F1-max; pixel AUROC, AUPRO and F1-max (the paper's metrics and more)."""
+        """Image AUROC, AP and F1-max; pixel AUROC, AUPRO (anomalib's and the paper's) and F1-max."""
         image_fields = ["pred_score", "gt_label"]
         pixel_fields = ["anomaly_map", "gt_mask"]
         test_metrics = [
@@ -277,6 +278,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
             F1Max(fields=image_fields, prefix="image_"),
             AUROC(fields=pixel_fields, prefix="pixel_", strict=False),
             AUPRO(fields=pixel_fields, prefix="pixel_", strict=False),
+            PaperAUPRO(fields=pixel_fields, prefix="pixel_", strict=False),
             F1Max(fields=pixel_fields, prefix="pixel_", strict=False),
         ]
         return Evaluator(test_metrics=test_metrics)

@@ -16,7 +16,15 @@ from anomalib_anomalyclip.benchmarking import BenchmarkConfigError, load_config,
 from anomalib_anomalyclip.benchmarking.chart import plot_means
 from anomalib_anomalyclip.benchmarking.cli import main
 from anomalib_anomalyclip.benchmarking.config import expand_grid
-from anomalib_anomalyclip.benchmarking.results import FAILED, MEAN, OK, JobResult, results_table, write_markdown
+from anomalib_anomalyclip.benchmarking.results import (
+    FAILED,
+    MEAN,
+    OK,
+    JobResult,
+    metrics_from_test_output,
+    results_table,
+    write_markdown,
+)
 from anomalib_anomalyclip.benchmarking.runner import BenchmarkRunner, Progress, check_classes
 from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
 
@@ -201,6 +209,15 @@ def test_table_has_a_row_per_model_and_category_and_a_mean_per_model() -> None:
     assert math.isnan(means.loc[("D", "A"), "pixel_AUPRO"])
 
 
+def test_both_aupros_are_columns_in_percent() -> None:
+    output = {"image_AUROC": 0.9, "pixel_AUPRO": 0.5, "pixel_AUPRO_paper": 0.45}
+    assert metrics_from_test_output(output, ["pixel"]) == {"pixel_AUPRO": 50.0, "pixel_AUPRO_paper": 45.0}
+    table = results_table([JobResult("A", "D", "a", OK, metrics_from_test_output(output, ["image", "pixel"]), 1.0)])
+    columns = list(table.columns)
+    assert columns.index("pixel_AUPRO_paper") == columns.index("pixel_AUPRO") + 1
+    assert table.loc[0, "pixel_AUPRO_paper"] == pytest.approx(45.0)
+
+
 def test_markdown_has_means_per_dataset_tables_and_failures(tmp_path: Path) -> None:
     path = write_markdown(results_table(_results()), tmp_path / "results.md", "Title", ["- note"])
     text = path.read_text()
@@ -332,7 +349,8 @@ def test_offline_benchmark_of_anomalyclip_patchcore_and_winclip(
     for row in rows:
         if row["model"] != "WinCLIP":
             assert row["status"] == OK, row
-            assert all(0.0 <= float(row[key]) <= 100.0 for key in ("image_AUROC", "image_AP", "pixel_AUPRO")), row
+            keys = ("image_AUROC", "image_AP", "pixel_AUPRO", "pixel_AUPRO_paper")
+            assert all(0.0 <= float(row[key]) <= 100.0 for key in keys), row
     winclip = [row for row in rows if row["model"] == "WinCLIP"]
     # WinCLIP downloads its CLIP weights when it is built: offline, every row fails with the reason.
     assert all(row["status"] in {OK, FAILED} for row in winclip)
@@ -342,6 +360,7 @@ def test_offline_benchmark_of_anomalyclip_patchcore_and_winclip(
     markdown = (out / "results.md").read_text()
     for model in ("AnomalyCLIP", "PatchCore", "WinCLIP"):
         assert f"| Synthetic | {model} |" in markdown
+    assert "| pixel AUPRO | pixel AUPRO (paper) |" in markdown
     assert (out / "means.png").read_bytes().startswith(PNG_MAGIC)
     assert len(list((out / "prompts").glob("*.ckpt"))) == 1
 

@@ -198,6 +198,11 @@ def test_exported_model_is_tested_with_the_metrics_of_the_eager_model(
     exported_metrics = test(ExportedAnomalyCLIP(str(exported["openvino"]), visualizer=False))
 
     assert set(exported_metrics) == set(eager_metrics) >= {"image_AUROC", "pixel_AUROC", "pixel_AUPRO"}
+    # The paper's AUPRO samples thresholds evenly between the smallest and largest map value, so unlike the others
+    # it depends on the maps' scale: the eager model's maps are normalised piecewise linearly around the threshold
+    # its validation found, the exported graph's around the export-time one (4e-4 apart here).
+    paper = "pixel_AUPRO_paper"
+    assert exported_metrics.pop(paper) == pytest.approx(eager_metrics.pop(paper), abs=1e-3)
     assert exported_metrics == pytest.approx(eager_metrics, abs=1e-4)
 
 
