@@ -30,6 +30,7 @@ __all__ = [
     "CheckpointFileCheck",
     "CheckpointFileError",
     "CheckpointNotFoundError",
+    "check_checkpoint_io",
     "read_checkpoint",
 ]
 
@@ -92,7 +93,7 @@ def _check_local_file(file: str) -> None:
 
 def _unreadable(file: str, error: BaseException) -> CheckpointFileError:
     reason = f"{type(error).__name__}: {error}".strip().rstrip(":")
-    return CheckpointFileError(f"'{file}' is not a checkpoint file: torch.load fails with {reason}. {EXPECTED}")
+    return CheckpointFileError(f"Cannot read '{file}' as a checkpoint: torch.load fails with {reason}. {EXPECTED}")
 
 
 def _check_contents(file: str, checkpoint: object) -> None:

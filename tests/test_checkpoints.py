@@ -51,9 +51,9 @@ def _plain_dict(path: Path) -> Path:
 BAD_FILES: dict[str, tuple[Callable[[Path], Path], type[Exception], str]] = {
     "missing": (lambda path: path, CheckpointNotFoundError, "Checkpoint file not found: '{path}'"),
     "folder": (lambda path: path.mkdir() or path, CheckpointFileError, "Checkpoint path '{path}' is not a file"),
-    "text": (_text, CheckpointFileError, "'{path}' is not a checkpoint file: torch.load fails with"),
-    "empty": (_empty, CheckpointFileError, "'{path}' is not a checkpoint file: torch.load fails with EOFError"),
-    "truncated": (_truncated_zip, CheckpointFileError, "'{path}' is not a checkpoint file: torch.load fails with"),
+    "text": (_text, CheckpointFileError, "Cannot read '{path}' as a checkpoint: torch.load fails with"),
+    "empty": (_empty, CheckpointFileError, "Cannot read '{path}' as a checkpoint: torch.load fails with EOFError"),
+    "truncated": (_truncated_zip, CheckpointFileError, "Cannot read '{path}' as a checkpoint: torch.load fails with"),
     "other dict": (_plain_dict, CheckpointFileError, "'{path}' is not a Lightning checkpoint: it lacks"),
 }
 
@@ -101,7 +101,7 @@ def test_engine_test_with_a_bad_ckpt_path_names_the_file(tiny_clip_path: Path, d
     path = _text(tmp_path / "notes.ckpt")
     datamodule = MVTecAD(root=data_root, category="alpha", num_workers=0)
     engine = Engine(default_root_dir=tmp_path / "run", logger=False)
-    with pytest.raises(CheckpointFileError, match=re.escape(f"'{path}' is not a checkpoint file")) as raised:
+    with pytest.raises(CheckpointFileError, match=re.escape(f"Cannot read '{path}' as a checkpoint")) as raised:
         engine.test(_model(tiny_clip_path), datamodule=datamodule, ckpt_path=path)
     assert EXPECTED in str(raised.value)
 
