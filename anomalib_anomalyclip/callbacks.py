@@ -1,5 +1,7 @@
 """Callbacks that :class:`~anomalib_anomalyclip.AnomalyCLIP` adds to every run (see ``configure_callbacks``).
 
+* :class:`~anomalib_anomalyclip.checkpoints.CheckpointFileCheck`: a ``--ckpt_path`` that is not a readable
+  Lightning checkpoint of AnomalyCLIP stops with an error that names the file and says what was expected.
 * :class:`AnomalibReaderCheck`: anomalib's own datasets (``MVTecAD``, ``Folder``, ``Visa``... and the
   ``PredictDataset`` behind ``anomalib predict --data <folder>``) read images with ``Image.open(path).convert("RGB")``,
   which clips 16-bit images to white and drops transparency without an error. Before such a dataset is read, every
@@ -33,6 +35,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2.functional import resize
 
+from .checkpoints import CheckpointFileCheck
 from .data.images import anomalib_reader_problem, check_files, read_image
 
 __all__ = ["AnomalibReaderCheck", "ConvertingImageVisualizer", "PredictionCsvWriter", "model_callbacks"]
@@ -51,7 +54,7 @@ _READER_FIX = (
 
 def model_callbacks() -> list[Callback]:
     """The callbacks of this module, in the order the model adds them (after anomalib's own components)."""
-    return [AnomalibReaderCheck(), PredictionCsvWriter()]
+    return [CheckpointFileCheck(), AnomalibReaderCheck(), PredictionCsvWriter()]
 
 
 class AnomalibReaderCheck(Callback):

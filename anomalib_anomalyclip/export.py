@@ -33,6 +33,10 @@ class ExportUnavailableError(RuntimeError):
     """An export was asked for that cannot run here (missing package or data)."""
 
 
+class ExportDataError(ExportUnavailableError, ValueError):
+    """An export needs other data: also a ``ValueError``, the type anomalib raises when calibration data is missing."""
+
+
 @contextmanager
 def inference_model_in_place(module: AnomalibModule) -> Iterator[None]:
     """Let ``module.model`` be its inference model (``module.model.inference_model()``) for the block.
@@ -59,8 +63,9 @@ def check_openvino_export(
         datamodule: calibration data for ``INT8_PTQ``/``INT8_ACQ``.
 
     Raises:
-        ExportUnavailableError: OpenVINO or NNCF is not installed, calibration data is missing, or
-            INT8_ACQ's accuracy check would get batches of one image.
+        ExportUnavailableError: OpenVINO or NNCF is not installed.
+        ExportDataError: calibration data is missing, or INT8_ACQ's accuracy check would get batches of one
+            image (an ``ExportUnavailableError`` and a ``ValueError``).
     """
     if not module_available("openvino"):
         raise ExportUnavailableError(f"OpenVINO export needs the openvino package: {INSTALL_HINT}.")
@@ -70,7 +75,7 @@ def check_openvino_export(
             f"OpenVINO {compression.name} compression needs NNCF: {INSTALL_HINT} (or pip install nncf)."
         )
     if compression in NEEDS_DATA and datamodule is None:
-        raise ExportUnavailableError(
+        raise ExportDataError(
             f"OpenVINO {compression.name} quantisation calibrates on images from a datamodule: pass one "
             "(CLI: --data MVTecAD --data.root ... --data.category ...; Python: Engine.export(..., datamodule=...)). "
             "Use --compression_type FP16 or INT8 (weights only) to compress without data."
@@ -78,7 +83,7 @@ def check_openvino_export(
     if compression is CompressionType.INT8_ACQ and getattr(datamodule, "eval_batch_size", 2) < 2:
         # anomalib 2.7's accuracy check squeezes the model's outputs, so a batch of one image no longer matches
         # its labels and the export dies deep inside NNCF with a shape error.
-        raise ExportUnavailableError(
+        raise ExportDataError(
             "OpenVINO INT8_ACQ checks the accuracy of the quantised model in batches, and anomalib's check fails "
             "for batches of one image: give the datamodule eval_batch_size >= 2 (CLI: --data.eval_batch_size 8)."
         )

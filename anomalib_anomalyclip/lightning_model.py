@@ -55,6 +55,7 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 
 from . import expose_in_anomalib
 from .callbacks import ConvertingImageVisualizer, model_callbacks
+from .checkpoints import CheckedCheckpointLoading
 from .data.auxiliary import has_pixel_mask
 from .data.references import ReferenceSource, datamodule_references, folder_references, load_references
 from .dpam import DpamKind, TokenPath
@@ -69,6 +70,7 @@ from .feature_cache import (
 )
 from .few_shot import FewShotFusion, FewShotSettings, choose_references, few_shot_settings
 from .loss import GlocalLoss, LossVariant
+from .metrics import PaperAUPRO
 from .post_processor import DEFAULT_NORMAL_QUANTILE, ProbabilityPostProcessor, check_quantile
 from .prompts import AGNOSTIC_OBJECT, PromptCheckpointError, PromptType, prompts_of_lightning_checkpoint
 from .torch_model import AnomalyCLIPModel
@@ -87,7 +89,7 @@ class PromptsUnavailableError(RuntimeError):
     """The model would score images with prompts that were never trained or loaded."""
 
 
-class AnomalyCLIP(AnomalibModule):
+class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
     """AnomalyCLIP: object-agnostic prompt learning for zero-shot anomaly detection.
 
     Args:
@@ -259,7 +261,7 @@ class AnomalyCLIP(AnomalibModule):
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
-        """Image AUROC, AP and F1-max; pixel AUROC, AUPRO and F1-max (the paper's metrics and more)."""
+        """Image AUROC, AP and F1-max; pixel AUROC, AUPRO (anomalib's and the paper's) and F1-max."""
         image_fields = ["pred_score", "gt_label"]
         pixel_fields = ["anomaly_map", "gt_mask"]
         test_metrics = [
@@ -268,6 +270,7 @@ class AnomalyCLIP(AnomalibModule):
             F1Max(fields=image_fields, prefix="image_"),
             AUROC(fields=pixel_fields, prefix="pixel_", strict=False),
             AUPRO(fields=pixel_fields, prefix="pixel_", strict=False),
+            PaperAUPRO(fields=pixel_fields, prefix="pixel_", strict=False),
             F1Max(fields=pixel_fields, prefix="pixel_", strict=False),
         ]
         return Evaluator(test_metrics=test_metrics)

@@ -198,6 +198,11 @@ def test_exported_model_is_tested_with_the_metrics_of_the_eager_model(
     exported_metrics = test(ExportedAnomalyCLIP(str(exported["openvino"]), visualizer=False))
 
     assert set(exported_metrics) == set(eager_metrics) >= {"image_AUROC", "pixel_AUROC", "pixel_AUPRO"}
+    # The paper's AUPRO samples thresholds evenly between the smallest and largest map value, so unlike the others
+    # it depends on the maps' scale: the eager model's maps are normalised piecewise linearly around the threshold
+    # its validation found, the exported graph's around the export-time one (4e-4 apart here).
+    paper = "pixel_AUPRO_paper"
+    assert exported_metrics.pop(paper) == pytest.approx(eager_metrics.pop(paper), abs=1e-3)
     assert exported_metrics == pytest.approx(eager_metrics, abs=1e-4)
 
 
@@ -209,9 +214,12 @@ def test_exported_model_rejects_unknown_files(tmp_path: Path) -> None:
         ExportedAnomalyCLIP(str(tmp_path / "model.tflite"))
 
 
-def test_quantisation_without_data_fails_clearly(model: AnomalyCLIP, tmp_path: Path) -> None:
-    with pytest.raises(ExportUnavailableError, match="--data"):
-        model.to_openvino(tmp_path, compression_type=CompressionType.INT8_PTQ)
+@pytest.mark.parametrize("compression", [CompressionType.INT8_PTQ, CompressionType.INT8_ACQ])
+def test_quantisation_without_data_fails_clearly(model: AnomalyCLIP, tmp_path: Path, compression: str) -> None:
+    # ValueError is what anomalib raises for missing calibration data, so code written for anomalib catches ours.
+    with pytest.raises(ValueError, match=r"calibrates on images from a datamodule.*--data") as error:
+        model.to_openvino(tmp_path, compression_type=compression)
+    assert isinstance(error.value, ExportUnavailableError)
 
 
 def test_accuracy_controlled_quantisation_refuses_batches_of_one(
@@ -220,8 +228,9 @@ def test_accuracy_controlled_quantisation_refuses_batches_of_one(
     from anomalib.data import MVTecAD
 
     datamodule = MVTecAD(root=workspace / "data", category="alpha", eval_batch_size=1, num_workers=0)
-    with pytest.raises(ExportUnavailableError, match=r"eval_batch_size >= 2"):
+    with pytest.raises(ValueError, match=r"eval_batch_size >= 2") as error:
         model.to_openvino(tmp_path, compression_type=CompressionType.INT8_ACQ, datamodule=datamodule)
+    assert isinstance(error.value, ExportUnavailableError)
     assert not any(tmp_path.rglob("*.xml"))
 
 

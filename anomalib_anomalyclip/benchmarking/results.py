@@ -57,9 +57,11 @@ METRICS: tuple[MetricColumn, ...] = (
     MetricColumn("image_F1Max", "image F1-max", "image_F1Max"),
     MetricColumn("pixel_AUROC", "pixel AUROC", "pixel_AUROC"),
     MetricColumn("pixel_AUPRO", "pixel AUPRO", "pixel_AUPRO"),
+    MetricColumn("pixel_AUPRO_paper", "pixel AUPRO (paper)", "pixel_AUPRO_paper"),
     MetricColumn("pixel_F1Max", "pixel F1-max", "pixel_F1Max"),
 )
-"""The paper's metrics (image AUROC/AP, pixel AUROC/AUPRO) and anomalib's F1-max at both levels."""
+"""The paper's metrics (image AUROC/AP, pixel AUROC, AUPRO as anomalib and as the paper's script compute it) and
+anomalib's F1-max at both levels."""
 
 KEY_COLUMNS: tuple[str, ...] = ("model", "dataset", "category", "status")
 TRAILING_COLUMNS: tuple[str, ...] = ("seconds", "error")

@@ -1,14 +1,14 @@
 """Run a benchmark grid over anomalib's Engine, one model on one category at a time.
 
 Each evaluation builds a fresh datamodule and model, calls ``Engine.fit`` (fitting for one-class models such as
-PatchCore; a validation pass that collects normalisation and thresholds for zero-shot models) and then tests. Models
-with a ``train`` section learn their prompts once, before any evaluation, and every evaluation of that model loads
-the saved checkpoint through ``prompt_weights``. An AnomalyCLIP model is the exception to "fresh": its CLIP weights
+PatchCore; a validation pass that collects normalisation and thresholds for zero-shot models, except zero-shot
+AnomalyCLIP, which needs neither and so scores each category once) and then tests. Models with a ``train`` section
+learn their prompts once, before any evaluation, and every evaluation of that model loads the saved checkpoint
+through ``prompt_weights``. An AnomalyCLIP model is the exception to "fresh": its CLIP weights
 and prompts do not depend on the category, so it is built once per model entry and dataset and reused for the
-following categories (rebuilding reloads about 1 GB of CLIP weights); validation still sets its thresholds anew
-for every category. A failure (missing category folder, weights that cannot be loaded
-offline, out of memory, ...) becomes a failed row with its reason and the rest of the grid still runs; the full
-tracebacks go to ``failures.log`` in the output folder.
+following categories (rebuilding reloads about 1 GB of CLIP weights). A failure (missing category folder, weights
+that cannot be loaded offline, out of memory, ...) becomes a failed row with its reason and the rest of the grid still
+runs; the full tracebacks go to ``failures.log`` in the output folder.
 """
 
 from __future__ import annotations
@@ -308,8 +308,9 @@ class BenchmarkRunner:
         _seed(self.config.seed)
         datamodule = self._build_datamodule(job.dataset, job.category)
         model = self._model_for(job)
-        engine = self._engine(self.output_dir / "runs" / _slug(job.model.name))
-        engine.fit(model, datamodule=datamodule)
+        validate = _needs_validation(model)
+        engine = self._engine(self.output_dir / "runs" / _slug(job.model.name), validate=validate)
+        engine.fit(model, datamodule=datamodule)  # a zero-shot model's fit is only the validation pass
         output = engine.trainer.test(model, datamodule=datamodule, verbose=False)
         metrics = metrics_from_test_output(output[0] if output else {}, job.dataset.levels)
         if not metrics:
@@ -354,16 +355,18 @@ class BenchmarkRunner:
         spec = {"class_path": model.class_path, "init_args": model.init_args}
         return instantiate(spec, _MODEL_MODULE, **overrides)
 
-    def _engine(self, root: Path) -> Any:
+    def _engine(self, root: Path, validate: bool = True) -> Any:
+        """An Engine with the configuration's trainer arguments; ``validate=False`` turns validation passes off."""
         from anomalib.callbacks.checkpoint import ModelCheckpoint
         from anomalib.engine import Engine
 
         # Checkpoints are not kept (trained prompts are saved explicitly); a callback that saves nothing stops
         # anomalib from adding its own.
         no_checkpoints = [ModelCheckpoint(save_top_k=0, save_last=False)]
-        return Engine(
-            **{**_ENGINE_DEFAULTS, **self.config.trainer, "default_root_dir": root, "callbacks": no_checkpoints}
-        )
+        arguments = {**_ENGINE_DEFAULTS, **self.config.trainer, "default_root_dir": root, "callbacks": no_checkpoints}
+        if not validate:
+            arguments["limit_val_batches"] = 0  # Lightning then skips the validation loop, hooks included
+        return Engine(**arguments)
 
     def _result(self, job: Job, status: str, **fields: Any) -> JobResult:
         return JobResult(job.model.name, job.dataset.name, job.category_label, status, **fields)
@@ -418,6 +421,20 @@ def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _needs_validation(model: Any) -> bool:
+    """Whether the test needs anomalib's validation pass first (every model but zero-shot AnomalyCLIP).
+
+    The validation pass of a zero-shot model only collects normalisation statistics and thresholds. AnomalyCLIP
+    normalises on its fixed probability scale, and no reported metric depends on thresholds, so without the pass
+    each category is scored once, with the same image and anomalib pixel metrics. Its maps then stay a linear
+    rescaling of the raw maps (instead of piecewise linear around a validated threshold), which is the scale on
+    which the paper's AUPRO (``pixel_AUPRO_paper``) is defined.
+    """
+    from anomalib import LearningType
+
+    return not (_is_anomalyclip(model) and model.learning_type is LearningType.ZERO_SHOT)
 
 
 def _is_anomalyclip(model: Any) -> bool:
