@@ -67,7 +67,12 @@ import torch
 from process_memory import peak_resident_mb
 
 from anomalib_anomalyclip.benchmarking.report import processor_name
-from anomalib_anomalyclip.benchmarking.throughput import count_flops, model_flops_utilisation, published_peak_tflops
+from anomalib_anomalyclip.benchmarking.throughput import (
+    count_flops,
+    cyclic_batches,
+    model_flops_utilisation,
+    published_peak_tflops,
+)
 
 DATASET_CATEGORY = "bench"
 MODEL_SEED = 0
@@ -274,11 +279,12 @@ def run_flavour(args: argparse.Namespace, work_dir: Path) -> None:
     start = time.perf_counter()
     predict, module = load_flavour(flavour, args, work_dir)
     result: dict[str, Any] = {"load_seconds": time.perf_counter() - start, "flops_per_image": None}
-    if flavour.name == BASELINE:  # once, before compiling; the first call also computes the cached text features
+    if module is not None:  # eager: the first call computes and caches the text features, before any compiling
         predict(images[0])
-        result["flops_per_image"] = float(count_flops(predict, images[0]))
-    if args.compile and module is not None:
-        module.model.compile()
+        if flavour.name == BASELINE:
+            result["flops_per_image"] = float(count_flops(predict, images[0]))
+        if args.compile:
+            module.model.compile()
     result["batches"], outputs = {}, {}
     for batch_size in args.batch_sizes:
         timing, scores, maps = time_batch_size(predict, images, batch_size, args)
@@ -299,8 +305,6 @@ def time_batch_size(
         ``{"seconds": per batch, "peak_mb": ...}``, and the scores (N,) and flattened maps (N, H*W) of the
         ``args.images`` timed images in order (empty for plain CLIP).
     """
-    from anomalib_anomalyclip.benchmarking.throughput import cyclic_batches
-
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     predict(torch.cat([images[0]] * batch_size))  # warm-up (allocations, lazy initialisation, compilation)
