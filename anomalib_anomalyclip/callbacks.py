@@ -8,7 +8,8 @@
   file is checked and the run stops with one error that lists the files and the fix, instead of scoring wrong
   pixels. This package's own datasets read with :func:`anomalib_anomalyclip.data.images.read_image` and are skipped.
 * :class:`PredictionCsvWriter`: ``anomalib predict`` writes ``predictions.csv`` (columns ``path``, ``score``,
-  ``decision``) into the run's results folder, next to the ``images/`` folder of overlays.
+  ``decision``) into the run's results folder, next to the ``images/`` folder of overlays; one file for the whole
+  run under DDP too (rank 0 merges the ranks' rows).
 
 :class:`ConvertingImageVisualizer`, the model's default visualiser, draws the overlays on the images as
 :func:`~anomalib_anomalyclip.data.images.read_image` converts them (anomalib's visualiser re-reads them with PIL's
@@ -22,9 +23,11 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from functools import partial
+from itertools import zip_longest
 from pathlib import Path
 from typing import IO, Any
 
+import torch.distributed as dist
 from anomalib.data import PredictDataset
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.utils.path import generate_output_filename
@@ -38,7 +41,13 @@ from torchvision.transforms.v2.functional import resize
 from .checkpoints import CheckpointFileCheck
 from .data.images import anomalib_reader_problem, check_files, read_image
 
-__all__ = ["AnomalibReaderCheck", "ConvertingImageVisualizer", "PredictionCsvWriter", "model_callbacks"]
+__all__ = [
+    "AnomalibReaderCheck",
+    "ConvertingImageVisualizer",
+    "PredictionCsvWriter",
+    "merge_rank_rows",
+    "model_callbacks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -123,25 +132,32 @@ class PredictionCsvWriter(Callback):
     ``score`` is anomalib's normalised image score in [0, 1] (``pred_score`` after the post-processor) and
     ``decision`` is ``anomalous`` or ``normal`` (anomalib's ``pred_label``: the score is above the normalised
     threshold, 0.5). Rows are written as batches finish, so a stopped run keeps what it predicted. The file is
-    ``<trainer.default_root_dir>/predictions.csv`` (``predictions.rank<N>.csv`` per process with several processes).
+    ``<trainer.default_root_dir>/predictions.csv``.
+
+    With several processes (``--trainer.strategy ddp``) each rank writes its rows to ``predictions.rank<N>.csv`` as
+    it goes; when prediction ends, rank 0 gathers every rank's rows, writes them to the one ``predictions.csv`` (in
+    the dataset's order for anomalib's samplers, each path once: a sampler that pads repeats some images) and the
+    part files are removed. A stopped run keeps its part files.
     """
 
     def __init__(self) -> None:
         self.path: Path | None = None
+        self._part: Path | None = None
         self._file: IO[str] | None = None
         self._writer: Any = None
-        self._rows = 0
+        self._rows: list[list[str]] = []
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Open the CSV file and write its header."""
+        """Open the CSV file (this rank's part file with several processes) and write its header."""
         del pl_module
-        name = PREDICTIONS_CSV if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}.csv"
-        self.path = Path(trainer.default_root_dir) / name
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("w", newline="", encoding="utf-8")
+        folder = Path(trainer.default_root_dir)
+        self.path = folder / PREDICTIONS_CSV
+        self._part = self.path if trainer.world_size == 1 else folder / f"predictions.rank{trainer.global_rank}.csv"
+        self._part.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self._part.open("w", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
         self._writer.writerow(CSV_COLUMNS)
-        self._rows = 0
+        self._rows = []
 
     def on_predict_batch_end(
         self,
@@ -158,15 +174,28 @@ class PredictionCsvWriter(Callback):
             return
         result = outputs if getattr(outputs, "pred_score", None) is not None else batch
         for path, score, label in _rows(result):
-            self._writer.writerow([path, f"{score:.6f}", label])
-            self._rows += 1
+            row = [path, f"{score:.6f}", label]
+            self._writer.writerow(row)
+            self._rows.append(row)
         self._file.flush()
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Close the file."""
-        del trainer, pl_module
-        if self._close():
-            logger.info("Wrote %d prediction(s) to %s", self._rows, self.path)
+        """Close the file; with several processes, merge the ranks' rows into ``predictions.csv`` on rank 0."""
+        del pl_module
+        if not self._close():
+            return
+        if self._part == self.path:
+            logger.info("Wrote %d prediction(s) to %s", len(self._rows), self.path)
+            return
+        gathered = _gather_to_rank_zero(self._rows, trainer.world_size)
+        if gathered is None:  # no process group to gather through: the part files stay
+            logger.info("Wrote %d prediction(s) to %s", len(self._rows), self._part)
+            return
+        if trainer.global_rank == 0:
+            rows = merge_rank_rows(gathered)
+            _write_csv(self.path, rows)
+            logger.info("Wrote %d prediction(s) from %d processes to %s", len(rows), len(gathered), self.path)
+        self._part.unlink(missing_ok=True)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Close the file, keeping the rows written so far."""
@@ -179,6 +208,46 @@ class PredictionCsvWriter(Callback):
         self._file.close()
         self._file = self._writer = None
         return True
+
+
+def merge_rank_rows(parts: list[list[list[str]]]) -> list[list[str]]:
+    """The rows of all ranks as one table: in the dataset's order, each image path once.
+
+    Lightning's distributed samplers give rank ``r`` of ``n`` the items ``r, r + n, r + 2n, ...`` (without shuffling),
+    so taking the ranks' rows in turn restores the dataset's order. A padding sampler repeats items to even out the
+    ranks; only the first row of a path is kept (rows without a path are all kept).
+
+    Args:
+        parts: Each rank's rows, ``[path, score, decision]``, in the order the rank predicted them.
+
+    Returns:
+        The merged rows.
+    """
+    merged: list[list[str]] = []
+    seen: set[str] = set()
+    for row in (row for turn in zip_longest(*parts) for row in turn if row is not None):
+        if row[0] and row[0] in seen:
+            continue
+        seen.add(row[0])
+        merged.append(row)
+    return merged
+
+
+def _gather_to_rank_zero(rows: list[list[str]], world_size: int) -> list[list[list[str]]] | None:
+    """Every rank's rows on rank 0 (``[]`` on the other ranks); ``None`` without a process group of that size."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world_size:
+        return None
+    rank = dist.get_rank()
+    gathered: list[Any] | None = [None] * world_size if rank == 0 else None
+    dist.gather_object(rows, gathered, dst=0)
+    return gathered if rank == 0 else []
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(rows)
 
 
 def _rows(result: Any) -> Iterator[tuple[str, float, str]]:

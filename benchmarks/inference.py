@@ -24,9 +24,17 @@ the GPU (bf16: CUDA autocast; timings synchronise the device; peak memory is the
 allocator's peak).
 
 Every flavour sees the whole pipeline (resize, normalisation, model, post-processing).
-Printed per flavour: seconds per image, images per second, speed-up over eager fp32 of
-the same run, the peak resident memory of its process (loading plus inference), and the
-largest absolute difference of its ``pred_score`` and ``anomaly_map`` from eager fp32.
+Printed per flavour and batch size: seconds per image, images per second, speed-up over eager
+fp32 at the same batch size, the model's TFLOP/s and, when a peak is known, its FLOPs
+utilisation (MFU), the peak memory of its process (loading plus inference; on CUDA the
+allocator's peak for that batch size), and the largest absolute difference of its
+``pred_score`` and ``anomaly_map`` from eager fp32 at the first batch size.
+
+The model's FLOPs per image are counted once, on eager fp32 (see
+:mod:`anomalib_anomalyclip.benchmarking.throughput`), and used for every flavour, the
+reference's included (it does the same work). MFU is measured against ``--peak-tflops``,
+or on CUDA against the published dense bf16 peak of the GPU found by its name (H100, H200,
+A100, L4), whatever precision the flavour runs in.
 
 Usage::
 
@@ -35,6 +43,8 @@ Usage::
     python benchmarks/inference.py --flavours eager-fp32 openvino-fp32 openvino-bf16
     python benchmarks/inference.py --reference-repo ../AnomalyCLIP --flavours eager-fp32 reference-fp32 openvino-fp32
     python benchmarks/inference.py --device cuda --images 20 --reference-repo ../AnomalyCLIP
+    python benchmarks/inference.py --device cuda --batch-sizes 1 8 32 --images 64 --compile \
+        --flavours eager-fp32 eager-bf16 reference-fp32 --reference-repo ../AnomalyCLIP
 """
 
 from __future__ import annotations
@@ -57,6 +67,12 @@ import torch
 from process_memory import peak_resident_mb
 
 from anomalib_anomalyclip.benchmarking.report import processor_name
+from anomalib_anomalyclip.benchmarking.throughput import (
+    count_flops,
+    cyclic_batches,
+    model_flops_utilisation,
+    published_peak_tflops,
+)
 
 DATASET_CATEGORY = "bench"
 MODEL_SEED = 0
@@ -70,7 +86,7 @@ class Flavour:
         name: the flavour's name on the command line and in the table.
         export_type: anomalib export type (``torch``, ``onnx``, ``openvino``), ``None`` for eager.
         compression: anomalib compression type for OpenVINO (``FP16``, ``INT8``, ``INT8_PTQ``).
-        precision: eager: ``f32`` or ``bf16`` (CPU autocast); OpenVINO: the inference precision hint.
+        precision: eager: ``f32``, ``bf16`` or ``f16`` (autocast); OpenVINO: the inference precision hint.
         plain_clip: open_clip's own visual forward instead of AnomalyCLIP (a yardstick, no outputs to compare).
         reference: the reference implementation's code instead of ours.
     """
@@ -100,6 +116,7 @@ FLAVOURS = {
     for flavour in (
         Flavour("eager-fp32"),
         Flavour("eager-bf16", precision="bf16"),
+        Flavour("eager-fp16", precision="f16"),
         Flavour("torch", export_type="torch"),
         Flavour("onnx", export_type="onnx"),
         Flavour("openvino-fp32", export_type="openvino"),
@@ -113,6 +130,7 @@ FLAVOURS = {
 }
 BASELINE = "eager-fp32"
 SUFFIXES = {"torch": ".pt", "onnx": ".onnx", "openvino": ".xml"}
+AUTOCAST_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,7 +138,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="ViT-L-14-336", help="open_clip model name (random weights)")
     parser.add_argument("--image-size", type=int, default=518, help="model input side in pixels")
-    parser.add_argument("--images", type=int, default=3, help="timed images per flavour (after one warm-up)")
+    parser.add_argument(
+        "--images", type=int, default=3, help="timed images per flavour and batch size (at least one whole batch)"
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="images per call, e.g. 1 8 32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the eager flavours' model")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak for MFU (default on CUDA: the GPU's published)"
+    )
     parser.add_argument("--calibration-images", type=int, default=8, help="images for INT8 post-training quantisation")
     parser.add_argument("--flavours", nargs="+", choices=sorted(FLAVOURS), default=None, help="default: all that apply")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the PyTorch flavours run")
@@ -136,6 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{name} needs --reference-repo (a checkout of github.com/zqhang/AnomalyCLIP)")
         if args.device == "cuda" and not FLAVOURS[name].runs_in_torch:
             parser.error(f"{name} runs in OpenVINO on the CPU; leave it out with --device cuda")
+    if min(args.batch_sizes) < 1:
+        parser.error("--batch-sizes must be positive")
     if args.reference_repo is not None:
         args.reference_repo = args.reference_repo.resolve()
     args.flavours = [BASELINE, *(name for name in args.flavours if name != BASELINE)]  # the ratios' baseline first
@@ -145,6 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _applies(flavour: Flavour, args: argparse.Namespace) -> bool:
     if flavour.reference and args.reference_repo is None:
         return False
+    if flavour.precision == "f16" and flavour.export_type is None:  # fp16 autocast pays off on GPUs only
+        return args.device == "cuda"
     return args.device == "cpu" or flavour.runs_in_torch
 
 
@@ -244,28 +273,54 @@ def export_one(model: torch.nn.Module, flavour: Flavour, args: argparse.Namespac
 
 
 def run_flavour(args: argparse.Namespace, work_dir: Path) -> None:
-    """Child process: load one flavour, score the images, write timings, memory and outputs."""
+    """Child process: load one flavour, score the images at each batch size, write timings, memory and outputs."""
     flavour = FLAVOURS[args.run_flavour]
     images = input_images(args, work_dir)
     start = time.perf_counter()
-    predict = load_flavour(flavour, args, work_dir)
-    load_seconds = time.perf_counter() - start
-    predict(images[0])  # warm-up (first-call allocations, OpenVINO's lazy initialisation)
-    seconds, scores, maps = [], [], []
-    for image in images[1:]:
-        start = time.perf_counter()
-        output = predict(image)
-        _synchronise(args.device)
-        seconds.append(time.perf_counter() - start)
-        if output is not None:
-            scores.append(output.pred_score.detach().float().cpu().reshape(-1).numpy())
-            maps.append(output.anomaly_map.detach().float().cpu().reshape(-1).numpy())
-    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else peak_resident_mb()
-    result = {"seconds": seconds, "peak_mb": peak_mb, "load_seconds": load_seconds}
+    predict, module = load_flavour(flavour, args, work_dir)
+    result: dict[str, Any] = {"load_seconds": time.perf_counter() - start, "flops_per_image": None}
+    if module is not None:  # eager: the first call computes and caches the text features, before any compiling
+        predict(images[0])
+        if flavour.name == BASELINE:
+            result["flops_per_image"] = float(count_flops(predict, images[0]))
+        if args.compile:
+            module.model.compile()
+    result["batches"], outputs = {}, {}
+    for batch_size in args.batch_sizes:
+        timing, scores, maps = time_batch_size(predict, images, batch_size, args)
+        result["batches"][str(batch_size)] = timing
+        outputs[f"scores_{batch_size}"], outputs[f"maps_{batch_size}"] = scores, maps
     results_dir = work_dir / "results"
     results_dir.mkdir(exist_ok=True)
     (results_dir / f"{flavour.name}.json").write_text(json.dumps(result))
-    np.savez(results_dir / f"{flavour.name}.npz", scores=_joined(scores), maps=_joined(maps))
+    np.savez(results_dir / f"{flavour.name}.npz", **outputs)
+
+
+def time_batch_size(
+    predict: Callable[[torch.Tensor], Any], images: list[torch.Tensor], batch_size: int, args: argparse.Namespace
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Time whole batches of ``batch_size`` after one warm-up batch.
+
+    Returns:
+        ``{"seconds": per batch, "peak_mb": ...}``, and the scores (N,) and flattened maps (N, H*W) of the
+        ``args.images`` timed images in order (empty for plain CLIP).
+    """
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    predict(torch.cat([images[0]] * batch_size))  # warm-up (allocations, lazy initialisation, compilation)
+    _synchronise(args.device)
+    seconds, scores, maps = [], [], []
+    for batch in cyclic_batches(images[1:], batch_size, args.images):
+        start = time.perf_counter()
+        output = predict(batch)
+        _synchronise(args.device)
+        seconds.append(time.perf_counter() - start)
+        if output is not None:
+            scores.append(output.pred_score.detach().float().cpu().reshape(batch_size).numpy())
+            maps.append(output.anomaly_map.detach().float().cpu().reshape(batch_size, -1).numpy())
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else peak_resident_mb()
+    timing = {"seconds": seconds, "peak_mb": peak_mb}
+    return timing, _joined(scores)[: args.images], _joined(maps)[: args.images]
 
 
 def _synchronise(device: str) -> None:
@@ -273,29 +328,42 @@ def _synchronise(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def load_flavour(flavour: Flavour, args: argparse.Namespace, work_dir: Path) -> Callable[[torch.Tensor], Any]:
-    """A function from a (1, 3, H, W) image to the ``InferenceBatch`` of ``flavour`` (``None`` for plain CLIP)."""
+def load_flavour(
+    flavour: Flavour, args: argparse.Namespace, work_dir: Path
+) -> tuple[Callable[[torch.Tensor], Any], torch.nn.Module | None]:
+    """A function from (B, 3, H, W) images to the ``InferenceBatch`` of ``flavour`` (``None`` for plain CLIP).
+
+    Returns:
+        The function, and for the eager flavours the anomalib module it runs (``None`` for the others).
+    """
     if flavour.plain_clip:
-        return plain_clip_visual(args)
+        return plain_clip_visual(args), None
     if flavour.reference:
-        return reference_implementation(args, work_dir)
-    device = torch.device(args.device)
+        return reference_implementation(args, work_dir), None
     if flavour.export_type is None:
-        model = build_model(args, work_dir).to(device)
-        dtype = torch.bfloat16 if flavour.precision == "bf16" else torch.float32
-
-        def predict(image: torch.Tensor) -> Any:
-            autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-            with torch.inference_mode(), autocast:
-                return model(image.to(device))
-
-        return predict
+        return eager_model(flavour, args, work_dir)
     from anomalib_anomalyclip.exported_model import ExportedGraph
 
     path = artifact_path(flavour, work_dir)
     if flavour.export_type == "torch":
-        return ExportedGraph(path, device=args.device)
-    return ExportedGraph(path, device="CPU", config={"INFERENCE_PRECISION_HINT": flavour.precision})
+        return ExportedGraph(path, device=args.device), None
+    return ExportedGraph(path, device="CPU", config={"INFERENCE_PRECISION_HINT": flavour.precision}), None
+
+
+def eager_model(
+    flavour: Flavour, args: argparse.Namespace, work_dir: Path
+) -> tuple[Callable[[torch.Tensor], Any], torch.nn.Module]:
+    """The anomalib module on the device, and a function that runs it under the flavour's autocast."""
+    device = torch.device(args.device)
+    model = build_model(args, work_dir).to(device)
+    dtype = AUTOCAST_DTYPES[flavour.precision]
+
+    def predict(images: torch.Tensor) -> Any:
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        with torch.inference_mode(), autocast:
+            return model(images.to(device))
+
+    return predict, model
 
 
 def plain_clip_visual(args: argparse.Namespace) -> Callable[[torch.Tensor], None]:
@@ -351,45 +419,76 @@ def spawn(flavour: str, argv: list[str], work_dir: Path) -> dict | None:
         return None
     results_dir = work_dir / "results"
     result = json.loads((results_dir / f"{flavour}.json").read_text())
-    outputs = np.load(results_dir / f"{flavour}.npz")
-    return {**result, "scores": outputs["scores"], "maps": outputs["maps"]}
+    with np.load(results_dir / f"{flavour}.npz") as outputs:
+        return {**result, **{name: outputs[name] for name in outputs.files}}
 
 
-def summarise(name: str, result: dict, baseline: dict) -> dict:
-    """One flavour's row: s/image, images/s, speed-up and agreement with eager fp32 (``baseline``)."""
-    per_image = float(np.mean(result["seconds"]))
+def summarise(
+    name: str, batch_size: int, result: dict, baseline: dict, args: argparse.Namespace, peak_tflops: float | None
+) -> dict:
+    """One row (flavour at one batch size) against eager fp32 (``baseline``).
+
+    Speed-up: over eager fp32 at the same batch size. Agreement: with eager fp32's outputs at the first batch size.
+    """
+    timing, key = result["batches"][str(batch_size)], str(batch_size)
+    per_image = float(np.mean(timing["seconds"])) / batch_size
+    baseline_per_image = float(np.mean(baseline["batches"][key]["seconds"])) / batch_size
+    first = args.batch_sizes[0]
+    flops = baseline["flops_per_image"]
     return {
         "flavour": name,
+        "batch_size": batch_size,
         "seconds_per_image": per_image,
         "images_per_second": 1 / per_image,
-        "speedup_vs_eager_fp32": float(np.mean(baseline["seconds"])) / per_image,
-        "peak_mb": result["peak_mb"],
+        "speedup_vs_eager_fp32": baseline_per_image / per_image,
+        "tflops_per_second": flops / per_image / 1e12,
+        "mfu": None if peak_tflops is None else model_flops_utilisation(flops, 1 / per_image, peak_tflops),
+        "peak_mb": timing["peak_mb"],
         "load_seconds": result["load_seconds"],
-        "max_abs_score_diff": _max_difference(result["scores"], baseline["scores"]),
-        "max_abs_map_diff": _max_difference(result["maps"], baseline["maps"]),
+        "max_abs_score_diff": _max_difference(result[f"scores_{key}"], baseline[f"scores_{first}"]),
+        "max_abs_map_diff": _max_difference(result[f"maps_{key}"], baseline[f"maps_{first}"]),
     }
 
 
-def print_table(rows: list[dict], args: argparse.Namespace, baseline: dict) -> None:
+def print_table(rows: list[dict], args: argparse.Namespace, baseline: dict, peak_tflops: float | None) -> None:
     """The results as a text table, with the run's settings."""
+    compiled = ", eager flavours torch.compile-d" if args.compile else ""
     print(
-        f"\n{args.backbone} at {args.image_size} px, random weights, {args.images} timed images per flavour, "
-        f"batch 1; {processor_name()}, {os.cpu_count()} CPUs; torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), OpenVINO {_openvino_version()}; PyTorch flavours on {_device_name(args)}"
+        f"\n{args.backbone} at {args.image_size} px, random weights, {args.images} timed images per flavour and batch "
+        f"size, batch sizes {' '.join(map(str, args.batch_sizes))}{compiled}; {processor_name()}, "
+        f"{os.cpu_count()} CPUs; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"OpenVINO {_openvino_version()}; PyTorch flavours on {_device_name(args)}"
     )
+    peak = "no peak given (--peak-tflops)" if peak_tflops is None else f"MFU against {peak_tflops:g} TFLOP/s"
+    print(f"model: {baseline['flops_per_image'] / 1e9:.4g} GFLOP per image (counted on eager fp32); {peak}")
+    first = args.batch_sizes[0]
     print(
-        f"eager fp32 output range: score {baseline['scores'].min():.4f}..{baseline['scores'].max():.4f}, "
-        f"map {baseline['maps'].min():.4f}..{baseline['maps'].max():.4f}"
+        f"eager fp32 output range (batch {first}): score {baseline[f'scores_{first}'].min():.4f}.."
+        f"{baseline[f'scores_{first}'].max():.4f}, map {baseline[f'maps_{first}'].min():.4f}.."
+        f"{baseline[f'maps_{first}'].max():.4f}"
     )
     memory = "GPU MB" if args.device == "cuda" else "peak MB"
-    header = f"{'flavour':<19}{'s/image':>9}{'images/s':>10}{'vs eager fp32':>15}{memory:>9}{'load s':>8}"
-    print(header + f"{'max|d score|':>14}{'max|d map|':>12}")
+    header = f"{'flavour':<19}{'batch':>6}{'s/image':>9}{'images/s':>10}{'vs eager fp32':>15}{'TFLOP/s':>9}"
+    print(header + f"{'MFU':>7}{memory:>9}{'load s':>8}{'max|d score|':>14}{'max|d map|':>12}")
     for row in rows:
+        mfu = "" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
         print(
-            f"{row['flavour']:<19}{row['seconds_per_image']:>9.3g}{row['images_per_second']:>10.3g}"
-            f"{row['speedup_vs_eager_fp32']:>14.2f}x{row['peak_mb']:>9.0f}{row['load_seconds']:>8.1f}"
+            f"{row['flavour']:<19}{row['batch_size']:>6}{row['seconds_per_image']:>9.3g}"
+            f"{row['images_per_second']:>10.3g}{row['speedup_vs_eager_fp32']:>14.2f}x{row['tflops_per_second']:>9.3g}"
+            f"{mfu:>7}{row['peak_mb']:>9.0f}{row['load_seconds']:>8.1f}"
             f"{row['max_abs_score_diff']:>14.2e}{row['max_abs_map_diff']:>12.2e}"
         )
+
+
+def peak_of_device(args: argparse.Namespace) -> float | None:
+    """``--peak-tflops``, else on CUDA the GPU's published dense bf16 peak (``None`` when unknown)."""
+    if args.peak_tflops is not None or args.device != "cuda":
+        return args.peak_tflops
+    name = torch.cuda.get_device_name()
+    peak = published_peak_tflops(name)
+    if peak is None:
+        print(f"No published peak known for {name!r}: pass --peak-tflops for the MFU column.", flush=True)
+    return peak
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -399,6 +498,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.run_flavour:
         run_flavour(args, args.work_dir)
         return
+    peak_tflops = peak_of_device(args)
     with tempfile.TemporaryDirectory(prefix="anomalyclip-inference-") as temporary:
         work_dir = (args.work_dir or Path(temporary)).resolve()
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -414,18 +514,21 @@ def main(argv: list[str] | None = None) -> None:
             if BASELINE not in results and name != BASELINE:
                 raise SystemExit("eager fp32 failed; no ratios to print.")  # it runs first
             results[name] = result
-            rows.append(summarise(name, result, results[BASELINE]))
-            print(_progress_line(rows[-1]), flush=True)
+            for batch_size in args.batch_sizes:
+                rows.append(summarise(name, batch_size, result, results[BASELINE], args, peak_tflops))
+                print(_progress_line(rows[-1]), flush=True)
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=2))
         if BASELINE not in results:
             raise SystemExit("eager fp32 failed; no ratios to print.")
-        print_table(rows, args, results[BASELINE])
+        print_table(rows, args, results[BASELINE], peak_tflops)
 
 
 def _progress_line(row: dict) -> str:
+    mfu = "" if row["mfu"] is None else f", MFU {100 * row['mfu']:.1f}%"
     return (
-        f"{row['flavour']}: {row['seconds_per_image']:.3g} s/image, {row['speedup_vs_eager_fp32']:.2f}x eager fp32, "
+        f"{row['flavour']} batch {row['batch_size']}: {row['seconds_per_image']:.3g} s/image, "
+        f"{row['images_per_second']:.3g} images/s, {row['speedup_vs_eager_fp32']:.2f}x eager fp32{mfu}, "
         f"max |d score| {row['max_abs_score_diff']:.2e}, max |d map| {row['max_abs_map_diff']:.2e}"
     )
 

@@ -2,13 +2,14 @@
 
 Exercises the short model name (``--model AnomalyCLIP`` resolves only through the import
 hook installed with the package), prompt training on the auxiliary datamodule, zero-shot
-testing on a held-out category with the checkpoint, prediction and DDP training.
+testing on a held-out category with the checkpoint, prediction, and DDP training and prediction.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -152,18 +153,60 @@ def test_checkpoint_also_loads_as_prompt_weights(
         assert metrics[key] == pytest.approx(trained_metrics[key], abs=1e-4), key
 
 
-def test_predict_on_a_folder_writes_visualisations(
-    workspace: Path, tiny_clip_path: Path, trained: dict[str, Path]
-) -> None:
+def _read_predictions(root: Path) -> dict[str, dict[str, str]]:
+    """The one ``predictions.csv`` under ``root``, keyed by file name."""
+    (table,) = root.rglob("predictions.csv")  # path, score, decision per image
+    with table.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert len({row["path"] for row in rows}) == len(rows)
+    return {Path(row["path"]).name: row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def single_process_predictions(workspace: Path, tiny_clip_path: Path, trained: dict[str, Path]) -> Path:
+    """``anomalib predict`` in one process on a folder of defect images; the results folder."""
     folder = workspace / "data" / HELD_OUT / "test" / "blob"
     anomalib_cli(
         "predict", *_model_args(tiny_clip_path), "--ckpt_path", str(trained["checkpoint"]),
         "--data", str(folder), "--default_root_dir", "predict", cwd=workspace,
     )  # fmt: skip
-    written = sorted((workspace / "predict").rglob("*.png"))
+    return workspace / "predict"
+
+
+def test_predict_on_a_folder_writes_visualisations(workspace: Path, single_process_predictions: Path) -> None:
+    folder = workspace / "data" / HELD_OUT / "test" / "blob"
+    written = sorted(single_process_predictions.rglob("*.png"))
     assert len(written) == len(list(folder.glob("*.png")))
-    (table,) = (workspace / "predict").rglob("predictions.csv")  # path, score, decision per image
-    assert len(table.read_text().splitlines()) == 1 + len(written)
+    assert len(_read_predictions(single_process_predictions)) == len(written)
+
+
+def test_ddp_predict_writes_one_table_and_one_overlay_per_image(
+    workspace: Path, tiny_clip_path: Path, trained: dict[str, Path], single_process_predictions: Path
+) -> None:
+    # 13 images over 2 processes: the ranks get 7 and 6 of them.
+    folder = workspace / "ddp_images"
+    folder.mkdir()
+    images = sorted((workspace / "data" / HELD_OUT / "test").rglob("*.png"))
+    images.append(workspace / "data" / "alpha" / "test" / "good" / "000.png")
+    for image in images:
+        name = image.name if image.parent.name == "blob" else f"{image.parent.name}_{image.name}"
+        shutil.copy(image, folder / name)
+    assert len(images) == 13
+    anomalib_cli(
+        "predict", *_model_args(tiny_clip_path), "--ckpt_path", str(trained["checkpoint"]),
+        "--data", str(folder), "--default_root_dir", "ddp_predict",
+        "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        cwd=workspace,
+    )  # fmt: skip
+    results = workspace / "ddp_predict"
+    predictions = _read_predictions(results)
+    assert sorted(predictions) == sorted(path.name for path in folder.glob("*.png"))
+    assert sorted(path.name for path in results.rglob("*.png")) == sorted(predictions)  # the overlays
+    assert not list(results.rglob("predictions.rank*.csv"))  # the ranks' part files are merged and removed
+    # The same scores as one process gives for the images both runs scored.
+    for name, row in _read_predictions(single_process_predictions).items():
+        assert float(predictions[name]["score"]) == pytest.approx(float(row["score"]), abs=1e-5), name
+        assert predictions[name]["decision"] == row["decision"], name
 
 
 def test_wrong_prompts_fail_with_a_clear_message(
