@@ -89,6 +89,8 @@ class Flavour:
         precision: eager: ``f32``, ``bf16`` or ``f16`` (autocast); OpenVINO: the inference precision hint.
         plain_clip: open_clip's own visual forward instead of AnomalyCLIP (a yardstick, no outputs to compare).
         reference: the reference implementation's code instead of ours.
+        k_shot: few-shot references in the memory bank (0: zero-shot); its outputs differ from
+            zero-shot by design, so no agreement is printed for it.
     """
 
     name: str
@@ -97,6 +99,7 @@ class Flavour:
     precision: str = "f32"
     plain_clip: bool = False
     reference: bool = False
+    k_shot: int = 0
 
     @property
     def runs_in_torch(self) -> bool:
@@ -117,6 +120,7 @@ FLAVOURS = {
         Flavour("eager-fp32"),
         Flavour("eager-bf16", precision="bf16"),
         Flavour("eager-fp16", precision="f16"),
+        Flavour("eager-fp32-4shot", k_shot=4),
         Flavour("torch", export_type="torch"),
         Flavour("onnx", export_type="onnx"),
         Flavour("openvino-fp32", export_type="openvino"),
@@ -177,19 +181,31 @@ def _applies(flavour: Flavour, args: argparse.Namespace) -> bool:
     return args.device == "cpu" or flavour.runs_in_torch
 
 
-def build_model(args: argparse.Namespace, work_dir: Path) -> torch.nn.Module:
-    """The anomalib module with seeded random CLIP weights and fixed (seeded, untrained) prompts."""
+def build_model(args: argparse.Namespace, work_dir: Path, k_shot: int = 0) -> torch.nn.Module:
+    """The anomalib module with seeded random CLIP weights and fixed (seeded, untrained) prompts.
+
+    With ``k_shot``, the memory bank holds that many of the generated normal train images.
+    """
     from anomalib_anomalyclip import AnomalyCLIP
 
     torch.manual_seed(MODEL_SEED)
-    return AnomalyCLIP(
+    references = dataset_root(args, work_dir) / DATASET_CATEGORY / "train" / "good"
+    model = AnomalyCLIP(
         backbone=args.backbone,
         pretrained=None,
         image_size=args.image_size,
         prompt_weights=str(prompt_file(args, work_dir)),
+        k_shot=k_shot,
+        few_shot_source=str(references) if k_shot else None,
         visualizer=False,
         evaluator=False,
     ).eval()
+    if k_shot:
+        model._ensure_references(required=True)
+        bank = model.model.few_shot
+        shape = "x".join(map(str, bank.memory.shape))
+        print(f"{k_shot}-shot memory bank: {shape} tokens, {bank.memory_bytes / 1e6:.1f} MB", flush=True)
+    return model
 
 
 def prompt_file(args: argparse.Namespace, work_dir: Path) -> Path:
@@ -214,7 +230,7 @@ def dataset_root(args: argparse.Namespace, work_dir: Path) -> Path:
         return root
     count = max(args.images + 1, args.calibration_images) // 2 + 1
     make_mvtec_like_dataset(
-        root, categories=(DATASET_CATEGORY,), image_size=args.image_size, n_train_good=1, n_test_good=count,
+        root, categories=(DATASET_CATEGORY,), image_size=args.image_size, n_train_good=4, n_test_good=count,
         n_test_defect=count,
     )  # fmt: skip
     return root
@@ -355,7 +371,7 @@ def eager_model(
 ) -> tuple[Callable[[torch.Tensor], Any], torch.nn.Module]:
     """The anomalib module on the device, and a function that runs it under the flavour's autocast."""
     device = torch.device(args.device)
-    model = build_model(args, work_dir).to(device)
+    model = build_model(args, work_dir, flavour.k_shot).to(device)
     dtype = AUTOCAST_DTYPES[flavour.precision]
 
     def predict(images: torch.Tensor) -> Any:
@@ -435,6 +451,7 @@ def summarise(
     baseline_per_image = float(np.mean(baseline["batches"][key]["seconds"])) / batch_size
     first = args.batch_sizes[0]
     flops = baseline["flops_per_image"]
+    comparable = not FLAVOURS[name].k_shot
     return {
         "flavour": name,
         "batch_size": batch_size,
@@ -445,8 +462,8 @@ def summarise(
         "mfu": None if peak_tflops is None else model_flops_utilisation(flops, 1 / per_image, peak_tflops),
         "peak_mb": timing["peak_mb"],
         "load_seconds": result["load_seconds"],
-        "max_abs_score_diff": _max_difference(result[f"scores_{key}"], baseline[f"scores_{first}"]),
-        "max_abs_map_diff": _max_difference(result[f"maps_{key}"], baseline[f"maps_{first}"]),
+        "max_abs_score_diff": _max_difference(result[f"scores_{key}"], baseline[f"scores_{first}"], comparable),
+        "max_abs_map_diff": _max_difference(result[f"maps_{key}"], baseline[f"maps_{first}"], comparable),
     }
 
 
@@ -549,9 +566,11 @@ def _joined(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0)
 
 
-def _max_difference(values: np.ndarray, reference: np.ndarray) -> float:
-    """Largest absolute difference; NaN when there is nothing to compare (plain CLIP)."""
-    return float(np.abs(values - reference).max()) if values.shape == reference.shape else float("nan")
+def _max_difference(values: np.ndarray, reference: np.ndarray, comparable: bool = True) -> float:
+    """Largest absolute difference; NaN when there is nothing to compare (plain CLIP, few-shot)."""
+    if not comparable or values.shape != reference.shape:
+        return float("nan")
+    return float(np.abs(values - reference).max())
 
 
 def _without_option(argv: list[str], option: str) -> list[str]:
