@@ -217,16 +217,16 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
             prompt_seed=seed,
             cache_dir=cache_dir,
         )
-        self.few_shot = few_shot_settings(
+        self.few_shot_config = few_shot_settings(
             k_shot, few_shot_layers, few_shot_tokens, few_shot_fusion, self.model.feature_layers
         )
-        if self.few_shot.k_shot:
-            self._build_few_shot(self.few_shot)
+        if self.few_shot_config.k_shot:
+            self._build_few_shot(self.few_shot_config)
         self.loss = GlocalLoss(loss, local_loss_weight)
         self.class_name = class_name
         # Prompts chosen by the data: none given and not asked to train; released prompts when nothing can teach them.
         self.prompts_chosen_by_data = prompt_weights is None and not train_prompts
-        self.learns_prompts = not self.few_shot.k_shot and (
+        self.learns_prompts = not self.few_shot_config.k_shot and (
             prompt_weights is None if train_prompts is None else train_prompts
         )
         self.prompts_ready = weights_file is not None
@@ -283,7 +283,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
     @property
     def learning_type(self) -> LearningType:
         """``FEW_SHOT`` with k_shot; ``ONE_CLASS`` (anomalib's "needs fitting") to learn prompts; else ``ZERO_SHOT``."""
-        if self.few_shot.k_shot:
+        if self.few_shot_config.k_shot:
             return LearningType.FEW_SHOT
         return LearningType.ONE_CLASS if self.learns_prompts else LearningType.ZERO_SHOT
 
@@ -373,14 +373,20 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
 
     def on_validation_end(self) -> None:
         """Save a checkpoint (prompts, references, thresholds) after a few-shot model's validation-only fit."""
-        if not self.few_shot.k_shot or self.trainer.state.fn != TrainerFn.VALIDATING or self.trainer.sanity_checking:
+        if (
+            not self.few_shot_config.k_shot
+            or self.trainer.state.fn != TrainerFn.VALIDATING
+            or self.trainer.sanity_checking
+        ):
             return
         callback = self.trainer.checkpoint_callback
         if callback is not None and callback.dirpath is not None:
             path = Path(callback.dirpath) / f"{callback.filename or 'model'}{callback.FILE_EXTENSION}"
             self.trainer.save_checkpoint(path)
             logger.info(
-                "AnomalyCLIP few-shot checkpoint (prompts, %d references, thresholds): %s", self.few_shot.k_shot, path
+                "AnomalyCLIP few-shot checkpoint (prompts, %d references, thresholds): %s",
+                self.few_shot_config.k_shot,
+                path,
             )
 
     def on_test_start(self) -> None:
@@ -475,12 +481,12 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
             "dpam_kind": self.model.visual_encoder.dpam_kind.value,
             "image_size": self.model.image_size,
         }
-        if self.few_shot.k_shot:
+        if self.few_shot_config.k_shot:
             checkpoint[CHECKPOINT_INFO_KEY]["few_shot"] = {
-                "k_shot": self.few_shot.k_shot,
-                "layers": list(self.few_shot.layers),
-                "tokens": self.few_shot.tokens.value,
-                "fusion": self.few_shot.fusion.value,
+                "k_shot": self.few_shot_config.k_shot,
+                "layers": list(self.few_shot_config.layers),
+                "tokens": self.few_shot_config.tokens.value,
+                "fusion": self.few_shot_config.fusion.value,
                 "references": list(self._references),
             }
 
@@ -522,7 +528,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
         if not self.prompts_ready and self.prompts_chosen_by_data:
             self._load_released_prompts("no prompts were given and this run trains none")
         self._require_prompts()
-        if self.few_shot.k_shot:
+        if self.few_shot_config.k_shot:
             self._ensure_references(required=True)
 
     def _load_released_prompts(self, reason: str) -> None:
@@ -546,7 +552,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
         source = self._reference_source(required and not self.model.few_shot.active)
         if source is None:
             return
-        paths = choose_references(source.paths, self.few_shot.k_shot, self.hparams.seed or 0, source.description)
+        paths = choose_references(source.paths, self.few_shot_config.k_shot, self.hparams.seed or 0, source.description)
         if self.model.few_shot.active and paths == self._references:
             return
         images = load_references(paths, source, self.pre_processor.transform if self.pre_processor else None)
@@ -574,14 +580,14 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
         if not required:
             return None
         raise ValueError(
-            f"k_shot={self.few_shot.k_shot} needs normal reference images, but there is no datamodule with a train "
-            "split. Give a folder of normal images with --model.few_shot_source, or --ckpt_path a checkpoint of a "
-            "few-shot run (it holds the references)."
+            f"k_shot={self.few_shot_config.k_shot} needs normal reference images, but there is no datamodule with a "
+            "train split. Give a folder of normal images with --model.few_shot_source, or --ckpt_path a "
+            "checkpoint of a few-shot run (it holds the references)."
         )
 
     def _require_ready_for_export(self) -> None:
         self._require_prompts()
-        if self.few_shot.k_shot and not self.model.few_shot.active:
+        if self.few_shot_config.k_shot and not self.model.few_shot.active:
             if not self.hparams.few_shot_source:
                 raise ValueError(
                     "This few-shot model holds no references yet, so an export would be zero-shot. Export with "
@@ -590,9 +596,9 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
             self._ensure_references(required=True)
 
     def _build_few_shot(self, settings: FewShotSettings) -> None:
-        scorer = self.model._few_shot_scorer(settings.taps, settings.fusion)
+        scorer = self.model.build_few_shot_scorer(settings.taps, settings.fusion)
         self.model.few_shot = scorer.to(self.model.text_features.device)
-        self.few_shot = settings
+        self.few_shot_config = settings
 
     def _adopt_few_shot(self, stored: dict[str, Any] | None) -> None:
         """Take the few-shot settings of a checkpoint; a few-shot model must match them."""
@@ -601,13 +607,14 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
         settings = few_shot_settings(
             int(stored["k_shot"]), stored["layers"], stored["tokens"], stored["fusion"], self.model.feature_layers
         )
-        if self.few_shot.k_shot and settings.taps != self.few_shot.taps:
+        current = self.few_shot_config
+        if current.k_shot and settings.taps != current.taps:
             raise PromptCheckpointError(
                 f"The checkpoint's few-shot bank reads layers {list(settings.layers)} ({settings.tokens.value} "
-                f"tokens); this model reads {list(self.few_shot.layers)} ({self.few_shot.tokens.value}). Drop the "
+                f"tokens); this model reads {list(current.layers)} ({current.tokens.value}). Drop the "
                 "few_shot_layers/few_shot_tokens arguments to use the checkpoint's."
             )
-        if not self.few_shot.k_shot:
+        if not self.few_shot_config.k_shot:
             self._build_few_shot(settings)
             self._set_probability_scale()
         self._references = list(stored.get("references", []))
@@ -616,7 +623,9 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
     def _set_probability_scale(self) -> None:
         if isinstance(self.post_processor, ProbabilityPostProcessor):
             # Fused few-shot maps lie in [0, 1]; zero-shot maps are summed over the feature layers.
-            self.post_processor.set_probability_scale(1.0 if self.few_shot.k_shot else len(self.model.feature_layers))
+            self.post_processor.set_probability_scale(
+                1.0 if self.few_shot_config.k_shot else len(self.model.feature_layers)
+            )
 
     def _class_names(self, batch: Batch) -> list[str] | None:
         if self.model.prompt_learner.config.prompt_type is PromptType.OBJECT_AGNOSTIC:

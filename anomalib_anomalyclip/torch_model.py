@@ -111,7 +111,7 @@ class AnomalyCLIPModel(nn.Module):
         self.prompt_learner = PromptLearner(config, generator)
         self.text_encoder = PromptTextEncoder(clip, config)
         self.smoothing = GaussianSmoothing(smoothing_sigma)
-        self.few_shot = self._few_shot_scorer(few_shot_taps, few_shot_fusion)
+        self.few_shot = self.build_few_shot_scorer(few_shot_taps, few_shot_fusion)
         self.register_buffer("text_features", torch.zeros(1, 2, clip.text_projection.shape[1]), persistent=False)
         self._text_features_key: tuple | None = None
         if prompt_weights is not None:
@@ -248,7 +248,8 @@ class AnomalyCLIPModel(nn.Module):
             anomaly_map=torch.cat([output.anomaly_map for output in outputs]),
         )
 
-    def _few_shot_scorer(self, taps: Sequence[Tap] | None, fusion: FewShotFusion | str) -> FewShotScorer | None:
+    def build_few_shot_scorer(self, taps: Sequence[Tap] | None, fusion: FewShotFusion | str) -> FewShotScorer | None:
+        """An empty memory bank reading ``taps`` of this model's visual encoder (``None`` for no taps)."""
         if taps is None:
             return None
         check_layers([layer for layer, _ in taps], self.visual_encoder.depth, "few_shot_layers")
