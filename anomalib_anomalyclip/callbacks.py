@@ -40,6 +40,7 @@ from torchvision.transforms.v2.functional import resize
 
 from .checkpoints import CheckpointFileCheck
 from .data.images import anomalib_reader_problem, check_files, read_image
+from .data.synthetic_anomalies import SyntheticPreview
 
 __all__ = [
     "AnomalibReaderCheck",
@@ -63,7 +64,7 @@ _READER_FIX = (
 
 def model_callbacks() -> list[Callback]:
     """The callbacks of this module, in the order the model adds them (after anomalib's own components)."""
-    return [CheckpointFileCheck(), AnomalibReaderCheck(), PredictionCsvWriter()]
+    return [CheckpointFileCheck(), AnomalibReaderCheck(), PredictionCsvWriter(), SyntheticPreview()]
 
 
 class AnomalibReaderCheck(Callback):

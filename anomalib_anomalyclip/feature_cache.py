@@ -55,7 +55,8 @@ folder. With several nodes, or without torch.distributed, every rank keeps a pri
 cache.
 
 The cache assumes that an image path always yields the same pixels: random training
-augmentations (datamodule or pre-processor) switch it off, with a log message.
+augmentations (datamodule or pre-processor) and synthetic anomalies made anew every epoch
+(a dataset's ``random_transforms``) switch it off, with a log message.
 
 Validation during ``fit``: :func:`validation_feature_cache` lets the validation pass between
 epochs read the cache when the validation images are pre-processed exactly as the training
@@ -843,7 +844,8 @@ def _cacheable_inputs(dataset: Any, pre_processor: Any) -> tuple[list[str], list
     if pre_processor is not None and not hasattr(pre_processor, "transform"):
         return [], [], f"the pre-processor {type(pre_processor).__name__} does not expose its transform"
     transforms = [getattr(dataset, "augmentations", None), getattr(pre_processor, "transform", None)]
-    random = [name for transform in transforms for name in nondeterministic_transforms(transform)]
+    generators = list(getattr(dataset, "random_transforms", ()))  # e.g. anomalies made anew at every load
+    random = [name for transform in transforms + generators for name in nondeterministic_transforms(transform)]
     if random:
         return [], [], f"the training images are augmented ({', '.join(random)}), so every epoch sees new pixels"
     return [str(path) for path in samples["image_path"]], transforms, ""

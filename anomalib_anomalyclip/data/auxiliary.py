@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,9 @@ from anomalib.data.utils import LabelName
 from pandas import DataFrame
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Transform
-from torchvision.tv_tensors import Mask
+from torchvision.tv_tensors import Image, Mask
 
+from . import synthetic_anomalies as synthetic
 from .images import (
     IMAGE_EXTENSIONS,
     BadImageError,
@@ -88,7 +89,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SOURCE_FORMATS: tuple[str, ...] = ("mvtec", "visa", "folder")
+SOURCE_FORMATS: tuple[str, ...] = ("mvtec", "visa", "folder", "synthetic")
 NORMAL_LABEL = "good"
 SAMPLE_COLUMNS: tuple[str, ...] = (
     "path",
@@ -107,6 +108,7 @@ _FORMAT_KEYS: dict[str, frozenset[str]] = {
     "mvtec": frozenset({"categories"}),
     "visa": frozenset({"categories"}),
     "folder": frozenset({"name", "normal_dir", "abnormal_dir", "mask_dir"}),
+    "synthetic": frozenset({"categories", "name", "normal_dir"}) | synthetic.SYNTHETIC_KEYS,
 }
 _VISA_CSV_COLUMNS = ("object", "split", "label", "image", "mask")
 
@@ -142,6 +144,8 @@ class SourceSpec:
             :data:`IMAGE_EXTENSIONS`).
         require_masks: If true, an anomalous image without a mask file is an error (except in a ``folder`` source
             without ``mask_dir``, whose images are labelled per image only); if false it is kept without a mask.
+        synthetic: ``synthetic``: the options of the synthetic anomalies (see
+            :mod:`~anomalib_anomalyclip.data.synthetic_anomalies`).
     """
 
     format: str
@@ -154,6 +158,7 @@ class SourceSpec:
     mask_dir: tuple[str, ...] = ()
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     require_masks: bool = True
+    synthetic: synthetic.SyntheticOptions | None = None
 
     @property
     def label(self) -> str:
@@ -204,6 +209,8 @@ class SourceSpec:
             extensions=normalise_extensions(spec.get("extensions")),
             require_masks=bool(spec.get("require_masks", True)),
         )
+        if source_format == "synthetic":
+            parsed = replace(parsed, synthetic=synthetic.SyntheticOptions.from_mapping(spec, parsed.label))
         parsed._check_folder_keys()
         return parsed
 
@@ -449,10 +456,19 @@ def _scan_folder(spec: SourceSpec) -> list[dict[str, Any]]:
     return records
 
 
+def _scan_synthetic(spec: SourceSpec) -> list[dict[str, Any]]:
+    """Records of a synthetic source: its normal images and the anomalous images made from them."""
+    rows = synthetic.synthetic_rows(
+        spec.label, spec.root, spec.synthetic, spec.normal_dir, spec.categories, spec.name, spec.extensions
+    )
+    return [_record(spec, category, label, image, mask) for category, label, image, mask in rows]
+
+
 _SCANNERS: dict[str, Callable[[SourceSpec], list[dict[str, Any]]]] = {
     "mvtec": _scan_mvtec,
     "visa": _scan_visa,
     "folder": _scan_folder,
+    "synthetic": _scan_synthetic,
 }
 
 
@@ -609,10 +625,18 @@ class AuxiliaryDataset(AnomalibDataset):
     Args:
         samples: Samples table as made by :func:`collect_samples` (columns :data:`SAMPLE_COLUMNS`).
         augmentations: Transforms applied jointly to image and mask.
+        regenerated: Anomalous images to make anew each time they are loaded: image path -> (the normal image it
+            was made from, anomalib's anomaly generator); see :func:`synthetic.regeneration_plan`.
     """
 
-    def __init__(self, samples: DataFrame, augmentations: Transform | None = None) -> None:
+    def __init__(
+        self,
+        samples: DataFrame,
+        augmentations: Transform | None = None,
+        regenerated: Mapping[str, tuple[str, Any]] | None = None,
+    ) -> None:
         super().__init__(augmentations=augmentations)
+        self.regenerated = dict(regenerated or {})
         missing = [column for column in SAMPLE_COLUMNS if column not in samples.columns]
         if missing:
             msg = f"AuxiliaryDataset samples lack column(s) {missing}; build them with collect_samples()."
@@ -626,6 +650,11 @@ class AuxiliaryDataset(AnomalibDataset):
     def categories(self) -> list[str]:
         """Sorted category names of the images."""
         return sorted(self.samples["category"].unique())
+
+    @property
+    def random_transforms(self) -> list[Any]:
+        """The anomaly generators of the regenerated images (every load gives new pixels: no feature cache)."""
+        return list({id(generator): generator for _, generator in self.regenerated.values()}.values())
 
     def __getitem__(self, index: int) -> ImageItem:
         """Load one labelled image with its mask.
@@ -641,8 +670,13 @@ class AuxiliaryDataset(AnomalibDataset):
                 (a ``ValueError``).
         """
         row = self.samples.iloc[index]
-        image = read_image(row.image_path)
-        gt_mask = self._load_mask(row.image_path, row.mask_path, int(row.label_index), tuple(image.shape[-2:]))
+        if row.image_path in self.regenerated:
+            source, generator = self.regenerated[row.image_path]
+            image, mask = synthetic.make_anomaly(generator, read_image(source))
+            image, gt_mask = Image(image), Mask(mask)
+        else:
+            image = read_image(row.image_path)
+            gt_mask = self._load_mask(row.image_path, row.mask_path, int(row.label_index), tuple(image.shape[-2:]))
         if self.augmentations:
             image, gt_mask = self.augmentations(image, gt_mask)
         return ImageItem(
@@ -783,7 +817,7 @@ class AuxiliaryDataModule(AnomalibDataModule):
             train, evaluation = samples[~held_out], samples[held_out]
         else:
             train, evaluation = samples, samples
-        self.train_data = AuxiliaryDataset(train)
+        self.train_data = AuxiliaryDataset(train, regenerated=synthetic.regeneration_plan(self.sources, train))
         self.val_data = AuxiliaryDataset(evaluation)
         self.test_data = AuxiliaryDataset(evaluation)
 
