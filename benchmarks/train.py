@@ -33,6 +33,9 @@ Usage::
     # the real architecture with random weights, few images, the uncached run shortened:
     python benchmarks/train.py --backbone ViT-L-14-336 --pretrained none --image-size 518 \
         --categories 1 --images-per-class 4 --uncached-epochs 1
+    # normal train images with synthetic anomalies (a fixed set, cached), or new anomalies every epoch (no cache)
+    python benchmarks/train.py --synthetic
+    python benchmarks/train.py --synthetic --regenerate
 """
 
 from __future__ import annotations
@@ -74,6 +77,10 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dtype", default="float32", choices=("float32", "float16"))
     parser.add_argument("--rounding-floor", action="store_true", help="add an uncached run with other thread count")
     parser.add_argument("--validate", action="store_true", help="validate after every epoch, as anomalib fit does")
+    parser.add_argument(
+        "--synthetic", action="store_true", help="train on the normal train images with synthetic anomalies instead"
+    )
+    parser.add_argument("--regenerate", action="store_true", help="with --synthetic: new anomalies every epoch")
     parser.add_argument("--workdir", type=Path, default=None, help="where data and results go (default: a temp dir)")
     parser.add_argument("--worker", choices=(*MODES, FLOOR), default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -105,8 +112,13 @@ def _build(args: argparse.Namespace, mode: str) -> tuple[Any, Any]:
         evaluator=False,
         visualizer=False,
     )
+    sources = None
+    if args.synthetic:
+        synthetic = {"format": "synthetic", "root": str(args.workdir / "data"), "anomalous_fraction": 0.5, "seed": 0}
+        sources = [{**synthetic, "output_dir": str(args.workdir / "synthetic"), "regenerate": args.regenerate}]
     datamodule = AuxiliaryDataModule(
-        root=args.workdir / "data",
+        sources=sources,
+        root=None if sources else args.workdir / "data",
         train_batch_size=args.batch_size,
         eval_batch_size=args.batch_size,
         num_workers=args.num_workers,
@@ -227,7 +239,12 @@ def _prepare(args: argparse.Namespace) -> None:
     categories = tuple(f"category{index}" for index in range(args.categories))
     count = args.images_per_class
     make_mvtec_like_dataset(
-        args.workdir / "data", categories=categories, image_size=args.data_size, n_test_good=count, n_test_defect=count
+        args.workdir / "data",
+        categories=categories,
+        image_size=args.data_size,
+        n_train_good=2 * count if args.synthetic else 4,  # --synthetic trains on the normal train images
+        n_test_good=count,
+        n_test_defect=count,
     )
     if args.pretrained == "tiny":
         from anomalib_anomalyclip.tiny_clip import TinyClipConfig, save_openai_state_dict

@@ -137,11 +137,12 @@ def evaluate(model: AnomalyCLIP, targets: Path, config: StudyConfig) -> list[Row
     """Zero-shot and few-shot rows for every target category, k and fusion."""
     rows = []
     for category, kind in TARGET_KINDS.items():
-        rows.extend(_evaluate_category(model, targets / category, category, kind, config))
+        rows.extend(evaluate_category(model, targets / category, category, kind, config))
     return rows
 
 
-def _evaluate_category(model: AnomalyCLIP, folder: Path, category: str, kind: str, config: StudyConfig) -> list[Row]:
+def evaluate_category(model: AnomalyCLIP, folder: Path, category: str, kind: str, config: StudyConfig) -> list[Row]:
+    """Zero-shot and few-shot rows (each k and fusion) of one generated category's test split."""
     torch_model = model.model.eval()
     taps = torch_model.visual_encoder.feature_taps
     test_paths = list_image_files(folder / "test")

@@ -28,8 +28,8 @@ from .few_shot_study import (
     TARGET_KINDS,
     Row,
     StudyConfig,
-    _evaluate_category,
     evaluate,
+    evaluate_category,
     generate,
     mean_by_setting,
     train_prompts,
@@ -113,7 +113,7 @@ def run_study(root: Path, clip_path: Path, start: Path, config: SyntheticConfig,
     for category, kind in TARGET_KINDS.items():
         folder = targets / category
         model = adapt_prompts(start, folder, clip_path, root / "runs" / category, config)
-        adapted.extend(_evaluate_category(model, folder, category, kind, config.data))
+        adapted.extend(evaluate_category(model, folder, category, kind, config.data))
     results["adapted"] = adapted
     if other:
         trained = train_prompts(auxiliary, clip_path, root / "runs" / "auxiliary", config.data)
