@@ -117,6 +117,7 @@ DETERMINISTIC_TRANSFORMS = frozenset(
         "Identity",
         "Normalize",
         "Pad",
+        "ReferenceResize",
         "Resize",
         "ToDtype",
         "ToImage",
