@@ -41,6 +41,8 @@ CUBIC_A = -0.5  # PIL's (and torch's antialiased) bicubic kernel parameter
 CUBIC_SUPPORT = 2.0
 MAX_LEVEL = 255.0
 MASK_THRESHOLD = 128  # 8-bit mask level above 0.5 after ``ToTensor`` (127 / 255 < 0.5 < 128 / 255)
+INT16_LIMIT = 32767.5  # a weight times 2 ** (precision + 1) must round below 2 ** 15
+MAX_PRECISION = 22.0
 CONFIG_KEY = "anomalyclip_pre_processing"
 
 
@@ -98,11 +100,34 @@ def resampling_matrix(in_size: int, out_size: int, like: torch.Tensor) -> torch.
     return weights / weights.sum(dim=1, keepdim=True)
 
 
+def _fixed_point(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights as the 16-bit integers of torch's 8-bit kernel, and their unit ``2 ** precision``.
+
+    The precision is the largest that keeps the biggest weight below ``2 ** 15`` (at most 22 bits); weights are
+    rounded half away from zero.
+    """
+    precision = torch.clamp(torch.ceil(torch.log2(INT16_LIMIT / weights.max())) - 1, max=MAX_PRECISION)
+    unit = torch.pow(2.0, precision)
+    return torch.trunc(weights * unit + torch.sign(weights) * 0.5), unit
+
+
+def _rounded(sums: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """Integer sums back to grey levels: add half a unit, shift right (floor), clip to 0..255."""
+    return torch.floor((sums + unit / 2) / unit).clamp(0.0, MAX_LEVEL)
+
+
 def _resize_levels_matmul(levels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Two rounded passes (horizontal, then vertical) as matrix products, on grey levels 0..255."""
+    """The 8-bit kernel's arithmetic as two matrix products (horizontal, then vertical), on grey levels 0..255.
+
+    The weights are computed in float64 and rounded to their 16-bit values; the integer-valued float32
+    products and sums then stay below ``2 ** 24`` and are exact, so the result equals the kernel's.
+    """
     height, width = levels.shape[-2:]
-    rows = torch.matmul(levels, resampling_matrix(width, size[1], levels).T).round().clamp(0.0, MAX_LEVEL)
-    return torch.matmul(resampling_matrix(height, size[0], levels), rows).round().clamp(0.0, MAX_LEVEL)
+    exact = levels.new_zeros((), dtype=torch.float64)  # float32 weights would flip some 16-bit values
+    horizontal, unit = _fixed_point(resampling_matrix(width, size[1], exact))
+    rows = _rounded(torch.matmul(levels, horizontal.to(levels.dtype).T), unit.to(levels.dtype))
+    vertical, unit = _fixed_point(resampling_matrix(height, size[0], exact))
+    return _rounded(torch.matmul(vertical.to(levels.dtype), rows), unit.to(levels.dtype))
 
 
 def _resize_levels_uint8(levels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
