@@ -94,9 +94,11 @@ def resampling_matrix(in_size: int, out_size: int, like: torch.Tensor) -> torch.
     """
     source = torch.arange(in_size, dtype=like.dtype, device=like.device)
     target = torch.arange(out_size, dtype=like.dtype, device=like.device)
-    scale = source.new_full((), 1.0) * in_size / out_size
-    stretch = torch.clamp(scale, min=1.0)
-    weights = _cubic((source[None, :] + 0.5 - (target[:, None] + 0.5) * scale) / stretch)
+    length = source.new_full((), 1.0) * in_size
+    # (source + 0.5 - centre) / stretch with an integer numerator and denominator: one rounding only, so that
+    # float32 (as OpenVINO runs the graph) stays close to float64.
+    numerator = (2 * source[None, :] + 1) * out_size - (2 * target[:, None] + 1) * length
+    weights = _cubic(numerator / (2 * torch.clamp(length, min=out_size)))
     return weights / weights.sum(dim=1, keepdim=True)
 
 
