@@ -11,10 +11,11 @@ batching, to 518 x 518:
 :class:`ReferenceResize` reproduces both as a torchvision ``Resize`` (so anomalib's datamodules append it to
 every dataset's augmentations, see :meth:`anomalib.data.AnomalibDataModule._update_augmentations`: each image
 is resized on its own in the dataset, before anomalib's collate could stretch mixed sizes to the largest
-one). Images: on CPU torch's 8-bit antialiased bicubic kernel (derived from Pillow's); elsewhere, and in
-exported graphs, the same two passes written as two matrix products (ONNX and OpenVINO run them as they
-are; OpenVINO ignores the ``antialias`` attribute of ONNX's ``Resize``). Both stay within one grey level
-of PIL. Masks: PIL itself (its fixed-point rounding decides pixels that lie exactly on the 0.5 threshold).
+one). Images: on CPU torch's 8-bit antialiased bicubic kernel (derived from Pillow's, within one grey level
+of PIL); elsewhere, and in exported graphs, the kernel's arithmetic (its 16-bit weights, its rounding) as
+two matrix products, with the same results (ONNX and OpenVINO run them as they are, whereas OpenVINO
+ignores the ``antialias`` attribute of ONNX's ``Resize``). Masks: PIL itself (its fixed-point rounding
+decides the pixels that lie on the 0.5 threshold).
 
 :class:`AnomalyCLIPPreProcessor` is the anomalib pre-processor around it: it keeps the antialiased resize
 in its export transform (anomalib's own switches antialiasing off) and stores its settings as plain data in
@@ -152,7 +153,8 @@ def resize_image_like_pil(image: torch.Tensor, size: Sequence[int], exportable: 
     Args:
         image: images in [0, 1].
         size: (height, width).
-        exportable: use the matrix-product form (exported graphs, any device) even on CPU.
+        exportable: the graph form (float32 matrix products) on any device; else the CPU kernel on CPU and
+            float64 matrix products elsewhere.
     """
     if not exportable and tuple(image.shape[-2:]) == tuple(size):
         return image
@@ -160,6 +162,8 @@ def resize_image_like_pil(image: torch.Tensor, size: Sequence[int], exportable: 
         levels = image.mul(MAX_LEVEL).round_().clamp_(0.0, MAX_LEVEL)
         return _resize_levels_uint8(levels, size).div_(MAX_LEVEL)
     levels = (image * MAX_LEVEL).round().clamp(0.0, MAX_LEVEL)
+    if not exportable:  # another device: float64 keeps the sums exact even where float32 products use TF32
+        return (_resize_levels_matmul(levels.double(), size) / MAX_LEVEL).to(image.dtype)
     return _resize_levels_matmul(levels, size) / MAX_LEVEL
 
 

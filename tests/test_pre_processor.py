@@ -179,3 +179,13 @@ def test_fast_mode_is_anomalibs_pre_processor(tiny_clip_path: Path) -> None:
     assert tuple(model.input_size) == (56, 56)
     with pytest.raises(ValueError, match="preprocessing must be one of reference, fast"):
         AnomalyCLIP.configure_pre_processor((56, 56), "pil")
+
+
+def test_the_matrix_form_equals_the_cpu_kernel() -> None:
+    """The arithmetic used in exported graphs and on other devices gives the CPU kernel's grey levels."""
+    image = torch.randint(0, 256, (1, 3, 300, 410), generator=torch.Generator().manual_seed(2)) / 255
+    kernel = resize_image_like_pil(image, (SIZE, SIZE))
+    torch.testing.assert_close(resize_image_like_pil(image, (SIZE, SIZE), exportable=True), kernel, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        resize_image_like_pil(image.double(), (SIZE, SIZE), True).float(), kernel, rtol=0, atol=1e-6
+    )
