@@ -262,8 +262,17 @@ class AnomalyCLIPPreProcessor(PreProcessor):
         self.export_transform = reference_transform(self.image_size, exportable=True)
 
     def checkpoint_config(self) -> dict[str, Any]:
-        """Plain data for the checkpoint: the input size."""
-        return {CONFIG_KEY: {"image_size": list(self.image_size)}}
+        """Plain data for the checkpoint: the input size, and anomalib's spec of the nearest stock transform.
+
+        The spec (float bicubic resize and CLIP normalisation) is what anomalib's own ``PreProcessor`` restores
+        when the checkpoint is loaded into a model built with another pre-processor (``preprocessing=fast``).
+        """
+        from anomalib.pre_processing.utils.spec import transform_to_spec
+
+        stock = Compose(
+            [Resize(self.image_size, InterpolationMode.BICUBIC, antialias=True), *self.transform.transforms[1:]]
+        )
+        return {"transform": transform_to_spec(stock), CONFIG_KEY: {"image_size": list(self.image_size)}}
 
     def load_checkpoint_config(self, config: dict[str, Any]) -> None:
         """Restore the input size; a checkpoint of another pre-processor keeps this one (with a log line)."""

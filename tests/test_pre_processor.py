@@ -168,6 +168,10 @@ def test_settings_survive_a_checkpoint(tiny_clip_path: Path, tmp_path: Path) -> 
     assert restored.image_size == [56, 56]
     assert restored.transform.transforms[0].size == [56, 56]
     assert restored.export_transform.transforms[0].exportable
+    stock = PreProcessor()  # a model loaded with preprocessing=fast gets the float resize, not nothing
+    stock.load_checkpoint_config(checkpoint[CHECKPOINT_KEY])
+    assert [type(step).__name__ for step in stock.transform.transforms] == ["Resize", "Normalize"]
+    assert stock.transform.transforms[0].size == [56, 56]
     anomalib_config = PreProcessor().checkpoint_config()  # a checkpoint of another pre-processor
     restored.load_checkpoint_config(anomalib_config)
     assert restored.image_size == [56, 56]
