@@ -122,8 +122,10 @@ def _rounded(sums: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
 def _resize_levels_matmul(levels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """The 8-bit kernel's arithmetic as two matrix products (horizontal, then vertical), on grey levels 0..255.
 
-    The weights are computed in float64 and rounded to their 16-bit values; the integer-valued float32
-    products and sums then stay below ``2 ** 24`` and are exact, so the result equals the kernel's.
+    The weights are computed in float64 and rounded to their 16-bit values; the integer-valued float32 sums are
+    exact while they stay below ``2 ** 24``, so the result equals the kernel's up to inputs of about 2000 px
+    (0 differing values on noise at 1024, 1500 and 2000 px); larger ones have a few values one level off
+    (7 of 805 k at 3000 px, 18 at 4000 px).
     """
     height, width = levels.shape[-2:]
     exact = levels.new_zeros((), dtype=torch.float64)  # float32 weights would flip some 16-bit values
