@@ -11,7 +11,8 @@ writes its usual visualisations::
 The exported graph holds the whole pipeline (resize, normalisation, model,
 normalisation of the outputs, thresholds), so this wrapper adds no pre- or
 post-processing of its own. Images are fed as read ([0, 1], any size), or resized to
-the graph's input size when it was exported with a fixed ``--input_size``.
+the graph's input size when it was exported with a fixed ``--input_size`` (with the reference's
+8-bit bicubic resize of :mod:`.pre_processor`).
 
 ``anomalib test`` scores an exported file on labelled data with AnomalyCLIP's metrics, e.g.
 to check an INT8 model against the fp32 one on your own images::
@@ -19,11 +20,10 @@ to check an INT8 model against the fp32 one on your own images::
     anomalib test --model ExportedAnomalyCLIP --model.path weights/openvino/model.xml \
         --data MVTecAD --data.root ./datasets/MVTecAD --data.category bottle
 
-The graph's maps come out at its input size. The ground-truth masks are resized to it
-(nearest), as anomalib's pre-processor does for the model itself, so the metrics of an fp32
-export equal those of ``anomalib test --model AnomalyCLIP`` for images at the model's
-``image_size``; for other sizes the pixel metrics differ a little, because the exported
-resize has no anti-aliasing (see docs/deployment.md).
+The graph's maps come out at its input size. The ground-truth masks are resized to it as the
+model's default pre-processor resizes them (bilinear with antialiasing, then > 0.5), so the
+metrics of an fp32 export match those of ``anomalib test --model AnomalyCLIP`` (see
+docs/deployment.md for the measured differences).
 
 Example:
     >>> from anomalib.engine import Engine
@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from anomalib import LearningType
 from anomalib.data import Batch, InferenceBatch
 from anomalib.metrics import Evaluator
@@ -47,10 +46,9 @@ from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
-from torchvision.transforms.v2.functional import resize
-from torchvision.tv_tensors import Mask
 
 from . import expose_in_anomalib
+from .pre_processor import resize_image_like_pil, resize_mask_like_pil
 
 __all__ = ["ExportedAnomalyCLIP", "ExportedGraph"]
 
@@ -104,7 +102,7 @@ class ExportedGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Run the exported graph on (B, 3, H, W) images with values in [0, 1]."""
         if self.input_size is not None and tuple(images.shape[-2:]) != self.input_size:
-            images = F.interpolate(images, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+            images = resize_image_like_pil(images, self.input_size)
         if isinstance(self.inferencer.model, nn.Module):
             with torch.inference_mode():
                 outputs = self.inferencer.model(images.to(self.inferencer.device))._asdict()
@@ -205,13 +203,13 @@ def check_precision_hint(device: str, config: dict[str, Any] | None) -> None:
 
 
 def masks_at_map_size(gt_mask: torch.Tensor | None, anomaly_map: torch.Tensor | None) -> torch.Tensor | None:
-    """``gt_mask`` (B, H, W) resized to the maps' size, as anomalib's pre-processor resizes masks for its models.
+    """``gt_mask`` (B, H, W) resized to the maps' size, as the reference pre-processing resizes masks (bilinear > 0.5).
 
     Returns ``gt_mask`` unchanged when there is nothing to match.
     """
     if gt_mask is None or anomaly_map is None or gt_mask.shape[-2:] == anomaly_map.shape[-2:]:
         return gt_mask
-    return resize(Mask(gt_mask), list(anomaly_map.shape[-2:]))
+    return resize_mask_like_pil(gt_mask, list(anomaly_map.shape[-2:]))
 
 
 def _static_size(shape: Any) -> tuple[int, int] | None:

@@ -118,6 +118,7 @@ DETERMINISTIC_TRANSFORMS = frozenset(
         "Identity",
         "Normalize",
         "Pad",
+        "ReferenceResize",
         "Resize",
         "ToDtype",
         "ToImage",

@@ -72,6 +72,7 @@ from .few_shot import FewShotFusion, FewShotSettings, choose_references, few_sho
 from .loss import GlocalLoss, LossVariant
 from .metrics import PaperAUPRO
 from .post_processor import DEFAULT_NORMAL_QUANTILE, ProbabilityPostProcessor, check_quantile
+from .pre_processor import AnomalyCLIPPreProcessor, Preprocessing, check_preprocessing
 from .prompts import AGNOSTIC_OBJECT, PromptCheckpointError, PromptType, prompts_of_lightning_checkpoint
 from .torch_model import AnomalyCLIPModel
 from .weights import released_prompts_for, resolve_prompt_weights
@@ -141,7 +142,11 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
         normal_quantile: when validation sees only normal images (or the references,
             scored leave-one-out), the thresholds are this quantile of their scores:
             ``1 - normal_quantile`` is the accepted false-alarm rate.
-        pre_processor: anomalib pre-processor, or ``True`` for resize + CLIP normalisation.
+        preprocessing: ``reference`` (default): each image resized on its own as the reference
+            implementation does (8-bit PIL bicubic, masks bilinear > 0.5; also in exported graphs);
+            ``fast``: anomalib's float resize (masks nearest). See :mod:`.pre_processor`.
+        pre_processor: anomalib pre-processor, or ``True`` for resize + CLIP normalisation as
+            ``preprocessing`` says.
         post_processor: anomalib post-processor, or ``True`` for the default.
         evaluator: anomalib evaluator, or ``True`` for image AUROC/AP/F1-max and pixel
             AUROC/AUPRO/F1-max.
@@ -182,6 +187,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
         few_shot_tokens: str = TokenPath.DPAM.value,
         few_shot_fusion: str = FewShotFusion.MEAN.value,
         normal_quantile: float = DEFAULT_NORMAL_QUANTILE,
+        preprocessing: str = Preprocessing.REFERENCE.value,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -189,7 +195,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
     ) -> None:
         check_storage_dtype(feature_cache_dtype)
         if pre_processor is True:
-            pre_processor = self.configure_pre_processor((image_size, image_size))
+            pre_processor = self.configure_pre_processor((image_size, image_size), preprocessing)
         if post_processor is True:
             post_processor = ProbabilityPostProcessor(check_quantile(normal_quantile))
         super().__init__(
@@ -239,13 +245,18 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
         self.strict_loading = False
 
     @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+    def configure_pre_processor(
+        cls, image_size: tuple[int, int] | None = None, preprocessing: str = Preprocessing.REFERENCE.value
+    ) -> PreProcessor:
         """Resize to the model's input size (bicubic) and normalise with CLIP's statistics.
 
         Args:
             image_size: (height, width); ``None`` means 518 x 518 as in the paper.
+            preprocessing: ``reference`` (:class:`.AnomalyCLIPPreProcessor`) or ``fast`` (anomalib's resize).
         """
         size = image_size or (518, 518)
+        if check_preprocessing(preprocessing) is Preprocessing.REFERENCE:
+            return AnomalyCLIPPreProcessor(size)
         transform = Compose(
             [
                 Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),

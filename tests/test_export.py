@@ -161,6 +161,19 @@ def test_exported_graph_matches_eager(
     np.testing.assert_array_equal(outputs["pred_label"].reshape(-1), eager["pred_score"] > 0.5)
 
 
+@pytest.mark.parametrize("export_type", ["onnx", "openvino"])
+def test_exported_graph_resizes_a_1024_px_image_as_the_eager_loops(
+    exported: dict[str, Path], model: AnomalyCLIP, export_type: str
+) -> None:
+    """The graph's antialiased resize (matrix products) against the Lightning loops' (8-bit kernel) one."""
+    image = torch.randint(0, 256, (1, 3, 1024, 1024), generator=torch.Generator().manual_seed(3)) / 255
+    with torch.inference_mode():
+        loops = model.post_processor(model.model(model.pre_processor.transform(image)))
+    eager_outputs = {name: getattr(loops, name).numpy() for name in OUTPUTS}
+    differences = _max_differences(_openvino_outputs(exported[export_type], image), eager_outputs)
+    assert max(differences.values()) <= TOLERANCE, differences
+
+
 def test_openvino_weights_are_the_visual_encoder(exported: dict[str, Path], model: AnomalyCLIP) -> None:
     weights = exported["openvino"].with_suffix(".bin")
     assert 0.9 * _visual_bytes(model) < weights.stat().st_size < 1.1 * _visual_bytes(model)
