@@ -115,8 +115,13 @@ def generate(root: Path, config: StudyConfig) -> tuple[Path, Path]:
 
 
 def train_prompts(auxiliary: Path, clip_path: Path, work_dir: Path, config: StudyConfig) -> AnomalyCLIP:
-    """Prompts learned on the auxiliary categories (the paper's protocol, in small)."""
+    """Prompts learned on the auxiliary categories (the paper's protocol, in small).
+
+    ``epochs=0`` returns the seeded, untrained prompts instead: weak zero-shot maps.
+    """
     model = AnomalyCLIP(pretrained=str(clip_path), image_size=config.image_size, epochs=config.epochs, visualizer=False)
+    if config.epochs == 0:
+        return model
     datamodule = AuxiliaryDataModule(
         sources=[{"format": "mvtec", "root": str(auxiliary)}], train_batch_size=8, num_workers=0, seed=config.seed
     )
