@@ -391,7 +391,8 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
         ):
             return
         callback = self.trainer.checkpoint_callback
-        if callback is not None and callback.dirpath is not None:
+        # A checkpoint callback that keeps nothing (save_top_k=0, as in the benchmark) means: no checkpoint.
+        if callback is not None and callback.dirpath is not None and callback.save_top_k != 0:
             path = Path(callback.dirpath) / f"{callback.filename or 'model'}{callback.FILE_EXTENSION}"
             self.trainer.save_checkpoint(path)
             logger.info(
