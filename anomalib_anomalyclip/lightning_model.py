@@ -84,6 +84,7 @@ __all__ = ["AnomalyCLIP", "ProbabilityPostProcessor", "PromptsUnavailableError"]
 CLIP_MEAN = OPENAI_DATASET_MEAN  # the normalisation CLIP (OpenAI weights) was trained with
 CLIP_STD = OPENAI_DATASET_STD
 CHECKPOINT_INFO_KEY = "anomalyclip"
+FROZEN_PREFIXES = ("model.visual_encoder.", "model.text_encoder.")  # the frozen CLIP: never stored in checkpoints
 
 
 class PromptsUnavailableError(RuntimeError):
@@ -483,9 +484,8 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the prompts and anomalib's components, not the frozen CLIP (GBs for ViT-L)."""
         super().on_save_checkpoint(checkpoint)
-        frozen = ("model.visual_encoder.", "model.text_encoder.")
         checkpoint["state_dict"] = {
-            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith(frozen)
+            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith(FROZEN_PREFIXES)
         }
         checkpoint[CHECKPOINT_INFO_KEY] = {
             "prompts_trained": bool(self.prompts_ready),
@@ -504,6 +504,10 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Load the prompts with a clear error when they were made for another configuration."""
+        # The frozen CLIP is this model's own (loaded from ``pretrained``): filling it in keeps Lightning from
+        # listing hundreds of "missing" keys on every load.
+        frozen = {key: value for key, value in self.state_dict().items() if key.startswith(FROZEN_PREFIXES)}
+        checkpoint["state_dict"] = {**frozen, **checkpoint.get("state_dict", {})}
         super().on_load_checkpoint(checkpoint)
         state = prompts_of_lightning_checkpoint(checkpoint)
         if not state:

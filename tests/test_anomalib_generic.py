@@ -23,7 +23,9 @@ from anomalib_anomalyclip.tiny_clip import TinyClipConfig, save_openai_state_dic
 pytestmark = pytest.mark.slow
 
 
-def test_every_engine_entry_point_with_a_few_shot_model(tmp_path: Path, tiny_prompt_path: Path) -> None:
+def test_every_engine_entry_point_with_a_few_shot_model(
+    tmp_path: Path, tiny_prompt_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
     clip_path = save_openai_state_dict(tmp_path / "clip.pt", TinyClipConfig(vision_layers=6), seed=0)
     data = make_mvtec_like_dataset(tmp_path / "data", categories=("dummy",), image_size=64, n_train_good=5)
     datamodule = MVTecAD(root=data, category="dummy", train_batch_size=4, eval_batch_size=4, num_workers=0)
@@ -56,3 +58,5 @@ def test_every_engine_entry_point_with_a_few_shot_model(tmp_path: Path, tiny_pro
     for export_type in (ExportType.TORCH, ExportType.ONNX, ExportType.OPENVINO):
         exported = engine.export(model(), export_type, export_root=tmp_path / "exported", ckpt_path=checkpoint)
         assert exported is not None and exported.is_file(), export_type
+    # The frozen CLIP is not in the checkpoint, and loading it must not list its keys as missing.
+    assert not [warning for warning in recwarn if "not in the checkpoint" in str(warning.message)]
