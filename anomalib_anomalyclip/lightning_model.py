@@ -562,8 +562,8 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
 
     def _ensure_references(self, required: bool) -> None:
         """Fill the bank from the references unless it holds them already (this run, or restored from a checkpoint)."""
-        if self.model.few_shot.active and self._references_restored:
-            return
+        if self.model.few_shot.active and (self._references_restored or self.hparams.few_shot_source):
+            return  # restored, or filled this run from the folder (which is not listed and checked again)
         # Without a source (e.g. predicting on a folder after fit), a filled bank stays as it is.
         source = self._reference_source(required and not self.model.few_shot.active)
         if source is None:
@@ -670,10 +670,7 @@ def training_data_is_normal_only(datamodule: object) -> bool:
 
 def _check_training_data(datamodule: object) -> None:
     """Stop early when the training split has no anomalous images (nothing to learn from)."""
-    samples = getattr(getattr(datamodule, "train_data", None), "samples", None)
-    if samples is None or "label_index" not in getattr(samples, "columns", ()):
-        return
-    if len(samples) and not bool((samples["label_index"] == 1).any()):
+    if training_data_is_normal_only(datamodule):
         name = type(datamodule).__name__
         raise ValueError(
             f"The training data of {name} holds only normal images, but AnomalyCLIP learns its prompts from labelled "

@@ -122,9 +122,13 @@ def train_prompts(auxiliary: Path, clip_path: Path, work_dir: Path, config: Stud
     model = AnomalyCLIP(pretrained=str(clip_path), image_size=config.image_size, epochs=config.epochs, visualizer=False)
     if config.epochs == 0:
         return model
-    datamodule = AuxiliaryDataModule(
-        sources=[{"format": "mvtec", "root": str(auxiliary)}], train_batch_size=8, num_workers=0, seed=config.seed
-    )
+    sources = [{"format": "mvtec", "root": str(auxiliary)}]
+    return fit_prompts(model, sources, work_dir, config.epochs, config.seed)
+
+
+def fit_prompts(model: AnomalyCLIP, sources: list[dict], work_dir: Path, epochs: int, seed: int) -> AnomalyCLIP:
+    """Learn ``model``'s prompts on an auxiliary datamodule over ``sources`` with anomalib's Engine (no validation)."""
+    datamodule = AuxiliaryDataModule(sources=sources, train_batch_size=8, num_workers=0, seed=seed)
     engine = Engine(
         default_root_dir=work_dir,
         accelerator="cpu",
@@ -132,7 +136,7 @@ def train_prompts(auxiliary: Path, clip_path: Path, work_dir: Path, config: Stud
         logger=False,
         enable_progress_bar=False,
         limit_val_batches=0,
-        max_epochs=config.epochs,
+        max_epochs=epochs,
     )
     engine.fit(model, datamodule=datamodule)
     return model

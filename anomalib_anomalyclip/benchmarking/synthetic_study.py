@@ -20,9 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anomalib.engine import Engine
-
-from ..data.auxiliary import AuxiliaryDataModule
 from ..lightning_model import AnomalyCLIP
 from .few_shot_study import (
     TARGET_KINDS,
@@ -30,6 +27,7 @@ from .few_shot_study import (
     StudyConfig,
     evaluate,
     evaluate_category,
+    fit_prompts,
     generate,
     mean_by_setting,
     train_prompts,
@@ -74,18 +72,7 @@ def adapt_prompts(start: Path, folder: Path, clip_path: Path, work_dir: Path, co
         "anomalous_fraction": config.anomalous_fraction,
         "output_dir": str(work_dir / "synthetic"),
     }
-    datamodule = AuxiliaryDataModule(sources=[source], train_batch_size=8, num_workers=0, seed=data.seed)
-    engine = Engine(
-        default_root_dir=work_dir,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        max_epochs=config.epochs,
-    )
-    engine.fit(model, datamodule=datamodule)
-    return model
+    return fit_prompts(model, [source], work_dir, config.epochs, data.seed)
 
 
 def _start_model(start: Path, clip_path: Path, config: SyntheticConfig) -> AnomalyCLIP:
