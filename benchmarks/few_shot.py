@@ -33,8 +33,8 @@ from anomalib_anomalyclip.benchmarking.few_shot_study import (
     markdown_table,
     train_prompts,
 )
-from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
-from anomalib_anomalyclip.tiny_clip import TinyClipConfig, save_openai_state_dict
+from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 
 def main() -> None:

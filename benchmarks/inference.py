@@ -223,7 +223,7 @@ def prompt_file(args: argparse.Namespace, work_dir: Path) -> Path:
 
 def dataset_root(args: argparse.Namespace, work_dir: Path) -> Path:
     """Synthetic MVTec-format images at the model's input size (inputs and INT8 calibration data)."""
-    from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
+    from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
     root = work_dir / "data"
     if (root / DATASET_CATEGORY).is_dir():

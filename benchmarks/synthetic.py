@@ -21,7 +21,7 @@ import torch
 from anomalib_anomalyclip.benchmarking.few_shot_study import StudyConfig, generate, train_prompts
 from anomalib_anomalyclip.benchmarking.synthetic_study import SyntheticConfig, markdown_table, run_study
 from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
-from anomalib_anomalyclip.tiny_clip import TinyClipConfig, save_openai_state_dict
+from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
 
 
 def main() -> None:

@@ -234,7 +234,7 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
+    from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
     categories = tuple(f"category{index}" for index in range(args.categories))
     count = args.images_per_class
@@ -247,7 +247,7 @@ def _prepare(args: argparse.Namespace) -> None:
         n_test_defect=count,
     )
     if args.pretrained == "tiny":
-        from anomalib_anomalyclip.tiny_clip import TinyClipConfig, save_openai_state_dict
+        from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
 
         save_openai_state_dict(args.workdir / "tiny_clip.pt", TinyClipConfig(), seed=0)
 

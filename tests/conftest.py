@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from anomalib_anomalyclip.tiny_clip import TinyClipConfig
+    from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig
 
 _ENV_ROOT_KEY = pytest.StashKey[Path]()
 _SAVED_ENV_KEY = pytest.StashKey[dict]()
@@ -72,7 +72,7 @@ def offline_environment(request: pytest.FixtureRequest) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def tiny_clip_config() -> TinyClipConfig:
     """Default tiny CLIP architecture (ViT-L/14@336 layout with 64-channel towers)."""
-    from anomalib_anomalyclip.tiny_clip import TinyClipConfig
+    from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig
 
     return TinyClipConfig()
 
@@ -80,7 +80,7 @@ def tiny_clip_config() -> TinyClipConfig:
 @pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory, tiny_clip_config: TinyClipConfig) -> Path:
     """OpenAI-format state dict (``torch.save(state_dict)``) of ``build_tiny_clip(tiny_clip_config, seed=0)``."""
-    from anomalib_anomalyclip.tiny_clip import save_openai_state_dict
+    from anomalib_anomalyclip.testing.tiny_clip import save_openai_state_dict
 
     path = tmp_path_factory.mktemp("tiny_clip") / "tiny_clip_openai.pt"
     return save_openai_state_dict(path, tiny_clip_config, seed=0)

@@ -17,8 +17,8 @@ from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 
 from anomalib_anomalyclip import AnomalyCLIP
-from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
-from anomalib_anomalyclip.tiny_clip import TinyClipConfig, save_openai_state_dict
+from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from torchvision.transforms.v2 import Resize
 
 from anomalib_anomalyclip.data import AuxiliaryDataModule, AuxiliaryDataset, has_pixel_mask
 from anomalib_anomalyclip.data.auxiliary import SourceSpec, collect_samples
-from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = ("alpha", "beta", "gamma")

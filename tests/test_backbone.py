@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from anomalib_anomalyclip.backbone import WeightsUnavailableError, load_clip
-from anomalib_anomalyclip.tiny_clip import (
+from anomalib_anomalyclip.testing.tiny_clip import (
     TinyClipConfig,
     build_tiny_clip,
     save_open_clip_checkpoint,

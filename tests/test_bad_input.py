@@ -22,8 +22,8 @@ from anomalib_anomalyclip import AnomalyCLIP
 from anomalib_anomalyclip.backbone import WeightsUnavailableError
 from anomalib_anomalyclip.callbacks import CSV_COLUMNS
 from anomalib_anomalyclip.data import AuxiliaryDataModule, BadImageError, PredictFolder
-from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
 from anomalib_anomalyclip.prompts import PromptCheckpointError, PromptConfig, PromptLearner, save_prompts
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 IMAGE_SIZE = 56
 

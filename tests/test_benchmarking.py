@@ -27,7 +27,7 @@ from anomalib_anomalyclip.benchmarking.results import (
     write_markdown,
 )
 from anomalib_anomalyclip.benchmarking.runner import BenchmarkRunner, Progress, check_classes
-from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs" / "benchmark"

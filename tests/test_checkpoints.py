@@ -21,7 +21,7 @@ from anomalib_anomalyclip.checkpoints import (
     CheckpointNotFoundError,
     check_checkpoint_io,
 )
-from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 EXPECTED = "Expected a Lightning checkpoint of AnomalyCLIP"
 

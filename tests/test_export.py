@@ -22,13 +22,13 @@ from anomalib.engine import Engine
 from lightning.pytorch import Trainer
 
 from anomalib_anomalyclip import AnomalyCLIP, ExportedAnomalyCLIP
-from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
 from anomalib_anomalyclip.export import ExportUnavailableError
 from anomalib_anomalyclip.exported_model import DEFAULT_OPENVINO_CONFIG
 from anomalib_anomalyclip.inference_model import AnomalyCLIPInferenceModel
 from anomalib_anomalyclip.lightning_model import PromptsUnavailableError
 from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
-from anomalib_anomalyclip.tiny_clip import TinyClipConfig, save_openai_state_dict
+from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 IMAGE_SIZE = 56
 MODEL_ARGS = {"image_size": IMAGE_SIZE, "dpam_start_layer": 3, "feature_layers": [3, 6]}

@@ -17,7 +17,6 @@ from lightning.pytorch import Trainer
 from torchvision.transforms.v2 import Compose, Grayscale, Normalize, RandomHorizontalFlip, Resize
 
 from anomalib_anomalyclip.data import AuxiliaryDataModule
-from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
 from anomalib_anomalyclip.feature_cache import (
     DATA_NAME,
     INDEX_NAME,
@@ -32,6 +31,7 @@ from anomalib_anomalyclip.feature_cache import (
     training_feature_cache,
 )
 from anomalib_anomalyclip.lightning_model import AnomalyCLIP
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 from anomalib_anomalyclip.torch_model import AnomalyCLIPModel
 
 SIZE = 28

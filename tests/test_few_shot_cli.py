@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from anomalib_anomalyclip import weights
-from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from anomalib_anomalyclip.data.labelled import LabelledFolder
-from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 N_GOOD, N_DEFECT, N_TRAIN = 3, 2, 2
 

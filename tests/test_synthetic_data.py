@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalib_anomalyclip.data.synthetic import (
+from anomalib_anomalyclip.testing.toy_data import (
     CATEGORY_KINDS,
     DEFAULT_CATEGORIES,
     DEFECT_KINDS,
@@ -217,11 +217,11 @@ def test_main_writes_the_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_module_entry_point_and_light_import(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "anomalib_anomalyclip.data.synthetic", str(tmp_path), "--image-size", "16"]
+    command = [sys.executable, "-m", "anomalib_anomalyclip.testing.toy_data", str(tmp_path), "--image-size", "16"]
     subprocess.run(command, check=True, capture_output=True, env=env)
     assert len(list(tmp_path.glob("*/test/blob/*.png"))) == 12
     code = (
-        "import sys, anomalib_anomalyclip.data.synthetic; "
+        "import sys, anomalib_anomalyclip.testing.toy_data; "
         "print(','.join(m for m in ('torch', 'anomalib', 'lightning') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)

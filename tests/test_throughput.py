@@ -16,7 +16,7 @@ from anomalib_anomalyclip.benchmarking.throughput import (
     model_flops_utilisation,
     published_peak_tflops,
 )
-from anomalib_anomalyclip.tiny_clip import TinyClipConfig
+from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig
 
 IMAGE_SIZE = 56
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from open_clip.model import CLIP, build_model_from_openai_state_dict
 
-from anomalib_anomalyclip.tiny_clip import (
+from anomalib_anomalyclip.testing.tiny_clip import (
     TinyClipConfig,
     build_tiny_clip,
     main,

@@ -34,10 +34,10 @@ from torchmetrics.functional.classification import binary_auroc
 
 from ..data.auxiliary import AuxiliaryDataModule
 from ..data.images import list_image_files, read_image, read_mask
-from ..data.synthetic import make_mvtec_like_dataset
 from ..few_shot import FewShotFusion, FewShotScorer, choose_references
 from ..inference_model import score_features
 from ..lightning_model import AnomalyCLIP
+from ..testing.toy_data import make_mvtec_like_dataset
 
 AUXILIARY_KINDS = {
     "aux_texture_a": "texture",

@@ -30,7 +30,7 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "AuxiliaryDataset": "anomalib_anomalyclip.data.auxiliary",
     "collate_auxiliary": "anomalib_anomalyclip.data.auxiliary",
     "has_pixel_mask": "anomalib_anomalyclip.data.auxiliary",
-    "make_mvtec_like_dataset": "anomalib_anomalyclip.data.synthetic",
+    "make_mvtec_like_dataset": "anomalib_anomalyclip.testing.toy_data",
     "BadImageError": "anomalib_anomalyclip.data.images",
     "read_image": "anomalib_anomalyclip.data.images",
     "read_mask": "anomalib_anomalyclip.data.images",
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     )
     from anomalib_anomalyclip.data.images import BadImageError, read_image, read_mask
     from anomalib_anomalyclip.data.predict import ImageFolderDataset, PredictFolder
-    from anomalib_anomalyclip.data.synthetic import make_mvtec_like_dataset
+    from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 
 __getattr__, __dir__ = lazy_attributes(globals(), _LAZY_ATTRIBUTES)

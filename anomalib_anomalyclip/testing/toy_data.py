@@ -24,7 +24,7 @@ of ``seed`` (and of the category name, so a category looks the same whichever ot
 
 Command line::
 
-    python -m anomalib_anomalyclip.data.synthetic ROOT [--categories a b] [--image-size 64] [--seed 0]
+    python -m anomalib_anomalyclip.testing.toy_data ROOT [--categories a b] [--image-size 64] [--seed 0]
 """
 
 from __future__ import annotations
@@ -447,7 +447,7 @@ def make_mvtec_like_dataset(
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m anomalib_anomalyclip.data.synthetic",
+        prog="python -m anomalib_anomalyclip.testing.toy_data",
         description="Write a small synthetic dataset in MVTec AD's layout.",
     )
     parser.add_argument("root", type=Path, help="dataset root (category folders are created below it)")

@@ -18,13 +18,14 @@ about (24 vision layers, patch size 14, a 24x24 patch grid, 77 text tokens and t
 BPE vocabulary) while shrinking the widths to 64, so a checkpoint is about 20 MB.
 
 Example:
-    >>> from anomalib_anomalyclip.tiny_clip import save_openai_state_dict
+    >>> from anomalib_anomalyclip.testing.tiny_clip import save_openai_state_dict
     >>> path = save_openai_state_dict("/tmp/tiny_clip.pt")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ __all__ = [
     "save_open_clip_checkpoint",
     "save_openai_jit_archive",
     "save_openai_state_dict",
+    "tiny_clip_digest",
 ]
 
 # OpenAI CLIP uses one attention head per 64 channels.
@@ -161,6 +163,18 @@ def build_tiny_clip(config: TinyClipConfig | None = None, seed: int = 0) -> CLIP
                 noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
                 parameter.add_(noise * _PERTURBATION_STD)
     return model.eval()
+
+
+def tiny_clip_digest(config: TinyClipConfig | None = None, seed: int = 0) -> str:
+    """SHA-256 of the weights of ``build_tiny_clip(config, seed)`` (names and bytes, in name order).
+
+    Tests that keep files made with a tiny CLIP check with it that the writer still gives the same CLIP.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(build_tiny_clip(config, seed).state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _prepare_path(path: str | os.PathLike[str]) -> Path:
@@ -312,7 +326,7 @@ _WRITERS = {
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line entry point: ``python -m anomalib_anomalyclip.tiny_clip PATH [--format ...]``.
+    """Command line entry point: ``python -m anomalib_anomalyclip.testing.tiny_clip PATH [--format ...]``.
 
     Args:
         argv: Arguments without the program name; defaults to ``sys.argv[1:]``.
