@@ -8,9 +8,8 @@
 * the short name of a prompt checkpoint released by the AnomalyCLIP authors (see
   :data:`RELEASED_PROMPTS`), downloaded once into the cache and verified with its git blob SHA-1.
 
-The cache directory is, in order of precedence, the ``cache_dir`` argument, the
-``ANOMALYCLIP_CACHE`` environment variable, ``$XDG_CACHE_HOME/anomalib_anomalyclip`` and
-``~/.cache/anomalib_anomalyclip``. Without a network connection, copy the file into the cache path
+Downloads are kept in the ``cache_dir`` argument, else in the package's cache (``prompts/`` below
+:func:`anomalib_anomalyclip.cache.cache_root`). Without a network connection, copy the file into the cache path
 named in the error message, or pass its local path with ``--model.prompt_weights``.
 
 Example:
@@ -35,17 +34,18 @@ from typing import IO, Literal, cast
 
 from tqdm.auto import tqdm
 
+from .cache import CACHE_ENV_VAR
+from .cache import cache_dir as cache_dir_of_kind
+
 logger = logging.getLogger(__name__)
 
 ChecksumKind = Literal["git-blob-sha1", "sha256"]
 
-CACHE_ENV_VAR = "ANOMALYCLIP_CACHE"
 """Environment variable that overrides the default cache directory."""
 
 DOWNLOAD_TIMEOUT_S = 30.0
 """Default timeout, in seconds, for connecting to the server and for each read."""
 
-_CACHE_SUBDIR = "anomalib_anomalyclip"
 _CHUNK_BYTES = 1 << 20
 _HEX_LENGTHS: dict[str, int] = {"git-blob-sha1": 40, "sha256": 64}
 _SOURCE_COMMIT = "45ed4dd35c05797d854294b5e8d585c545920089"
@@ -168,22 +168,8 @@ def released_prompts_for(datamodule: object) -> ReleasedPrompts:
 
 
 def prompt_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Directory where downloaded prompt checkpoints are kept.
-
-    Args:
-        cache_dir: explicit directory; wins over everything else.
-
-    Returns:
-        ``cache_dir``, else ``$ANOMALYCLIP_CACHE``, else ``$XDG_CACHE_HOME/anomalib_anomalyclip``,
-        else ``~/.cache/anomalib_anomalyclip``.
-    """
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get(CACHE_ENV_VAR):
-        return Path(os.environ[CACHE_ENV_VAR]).expanduser()
-    xdg_cache = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg_cache).expanduser() if xdg_cache else Path.home() / ".cache"
-    return base / _CACHE_SUBDIR
+    """Directory where downloaded prompt checkpoints are kept: ``cache_dir``, else the package cache's ``prompts/``."""
+    return cache_dir_of_kind("prompts", cache_dir)
 
 
 def file_checksum(path: str | os.PathLike, kind: ChecksumKind) -> str:

@@ -82,8 +82,8 @@ def test_plain_train_takes_the_released_prompts_of_the_other_dataset(
 
     monkeypatch.setattr(socket, "create_connection", refuse)
     cache = tmp_path / "cache"
-    cache.mkdir()
-    released = cache / "anomalyclip-visa.pth"
+    (cache / "prompts").mkdir(parents=True)
+    released = cache / "prompts" / "anomalyclip-visa.pth"
     released.write_bytes(tiny_prompt_path.read_bytes())  # stands in for the authors' file, served from the cache
     entry = weights.RELEASED_PROMPTS["anomalyclip-visa"]
     checksum = weights.file_checksum(released, entry.checksum_kind)

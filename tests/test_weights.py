@@ -202,13 +202,13 @@ def test_malformed_checksum_fragment(tmp_path: Path, fragment: str) -> None:
 
 def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert prompt_cache_dir(tmp_path / "explicit") == tmp_path / "explicit"
-    assert prompt_cache_dir() == tmp_path / "env_cache"
+    assert prompt_cache_dir() == tmp_path / "env_cache" / "prompts"
     monkeypatch.delenv(weights.CACHE_ENV_VAR)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert prompt_cache_dir() == tmp_path / "xdg" / "anomalib_anomalyclip"
+    assert prompt_cache_dir() == tmp_path / "xdg" / "anomalib_anomalyclip" / "prompts"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert prompt_cache_dir() == tmp_path / "home" / ".cache" / "anomalib_anomalyclip"
+    assert prompt_cache_dir() == tmp_path / "home" / ".cache" / "anomalib_anomalyclip" / "prompts"
 
 
 def test_env_var_cache_is_used(
@@ -216,7 +216,7 @@ def test_env_var_cache_is_used(
 ) -> None:
     fetch = install_fetch()
     path = resolve_prompt_weights(released_good.name)
-    assert path == tmp_path / "env_cache" / "anomalyclip-visa.pth"
+    assert path == tmp_path / "env_cache" / "prompts" / "anomalyclip-visa.pth"
     assert path.read_bytes() == GOOD
     assert len(fetch.calls) == 1
 

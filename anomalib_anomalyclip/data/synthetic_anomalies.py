@@ -23,7 +23,8 @@ Options (keys of the source mapping):
     New anomalies every epoch: the fixed set still serves validation, the training images get fresh anomalies each
     time they are loaded, and the feature cache is off (every epoch sees new pixels).
 ``output_dir``
-    Where the anomalous images and masks are written (default: ``$XDG_CACHE_HOME/anomalib_anomalyclip/synthetic``).
+    Where the anomalous images and masks are written (default: ``synthetic/`` in the package cache, see
+    :mod:`anomalib_anomalyclip.cache`).
 
 Fixed per seed: the anomalous images and masks are PNG files in a folder named by a digest of everything that makes
 them (the normal images' paths, sizes and modification times, the options, the texture files), so the feature
@@ -57,6 +58,7 @@ from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
+from ..cache import cache_dir
 from .images import IMAGE_EXTENSIONS, BadImageError, list_image_files, read_image
 
 __all__ = [
@@ -308,12 +310,6 @@ def _digest(category: str, images: Sequence[Path], options: SyntheticOptions, te
     return hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def default_output_dir() -> Path:
-    """``$XDG_CACHE_HOME/anomalib_anomalyclip/synthetic`` (``~/.cache/...`` without the variable)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "anomalib_anomalyclip" / "synthetic"
-
-
 def _save_png(array: torch.Tensor, path: Path) -> None:
     Image.fromarray(array.numpy()).save(path)
 
@@ -353,7 +349,7 @@ def synthesise(
         ``[image, mask, source image]`` paths per anomalous sample.
     """
     digest = _digest(category, images, options, textures)
-    folder = (options.output_dir or default_output_dir()) / f"{category}-{digest}"
+    folder = cache_dir("synthetic", options.output_dir) / f"{category}-{digest}"
     index_path = folder / INDEX_NAME
     if index_path.is_file():
         entries = json.loads(index_path.read_text())["samples"]
