@@ -31,6 +31,8 @@ import open_clip
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
+from .errors import WeightsUnavailableError
+
 logger = logging.getLogger(__name__)
 
 OPENAI_KEYS = ("visual.proj", "visual.conv1.weight", "token_embedding.weight", "ln_final.weight")
@@ -40,10 +42,6 @@ OPENAI_DOWNLOADS = {
     "ViT-B-16": "ViT-B-16.pt",
     "ViT-B-32": "ViT-B-32.pt",
 }
-
-
-class WeightsUnavailableError(RuntimeError):
-    """The CLIP weights asked for cannot be found locally or downloaded."""
 
 
 def load_clip(backbone: str, pretrained: str | Path | None, cache_dir: str | None = None) -> CLIP:

@@ -25,6 +25,8 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from .errors import CheckpointFileError, CheckpointNotFoundError
+
 __all__ = [
     "CheckedCheckpointLoading",
     "CheckpointFileCheck",
@@ -42,14 +44,6 @@ EXPECTED = (
 LIGHTNING_KEYS = ("pytorch-lightning_version", "state_dict")
 _UNTRUSTED_TYPE = "Unsupported global"  # torch's weights-only reader met a class it does not trust
 _MARK = "_anomalyclip_checked"
-
-
-class CheckpointFileError(ValueError):
-    """A checkpoint path names a file that is not a readable Lightning checkpoint."""
-
-
-class CheckpointNotFoundError(CheckpointFileError, FileNotFoundError):
-    """A checkpoint path names no file (also a ``FileNotFoundError``, as Lightning's own error)."""
 
 
 def read_checkpoint(path: str | Path, load: Callable[[], Any]) -> dict[str, Any]:

@@ -1,8 +1,12 @@
-"""Errors that users fix themselves, and making them readable in anomalib's command line.
+"""Every error a user fixes themselves, under one base class, and making them readable in anomalib's command line.
+
+All of them derive from :class:`AnomalyCLIPError` (catch it to catch any of them); those about a wrong value or
+file are also ``ValueError``, those about something missing on this machine ``RuntimeError``, so code that
+catches the builtin types keeps working. Each message names the file or value, what is wrong and what to do.
 
 anomalib's CLI builds the model inside jsonargparse, which turns any exception of the model's constructor into a
 long "Does not validate against any of the Union subtypes" report with the real message in the middle of it.
-:func:`explain_setup_errors` logs the message of the errors below at ERROR level, on its own line, before the
+:func:`explain_setup_errors` logs the message of these errors at ERROR level, on its own line, before the
 exception goes on unchanged.
 """
 
@@ -13,29 +17,69 @@ import logging
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-from .backbone import WeightsUnavailableError
-from .data.images import BadImageError
-from .prompts import PromptCheckpointError
-from .weights import PromptWeightsError
-
-__all__ = ["USER_ERRORS", "explain_setup_errors"]
+__all__ = [
+    "AnomalyCLIPError",
+    "BadImageError",
+    "CheckpointFileError",
+    "CheckpointNotFoundError",
+    "ExportDataError",
+    "ExportUnavailableError",
+    "PromptCheckpointError",
+    "PromptWeightsError",
+    "PromptsUnavailableError",
+    "WeightsUnavailableError",
+    "explain_setup_errors",
+]
 
 logger = logging.getLogger(__name__)
 
-USER_ERRORS: tuple[type[Exception], ...] = (
-    WeightsUnavailableError,
-    PromptWeightsError,
-    PromptCheckpointError,
-    BadImageError,
-)
-"""Missing CLIP weights, missing or unknown prompts, prompts of another configuration, unusable image files."""
+
+class AnomalyCLIPError(Exception):
+    """Base of the errors this package raises for users to fix (a file, a value, something missing)."""
+
+
+class WeightsUnavailableError(AnomalyCLIPError, RuntimeError):
+    """The CLIP weights asked for cannot be found locally or downloaded."""
+
+
+class PromptWeightsError(AnomalyCLIPError, ValueError):
+    """The prompt weights asked for cannot be found, downloaded or verified."""
+
+
+class PromptCheckpointError(AnomalyCLIPError, ValueError):
+    """A prompt checkpoint cannot be used with this model configuration."""
+
+
+class PromptsUnavailableError(AnomalyCLIPError, RuntimeError):
+    """The model would score images with prompts that were never trained or loaded."""
+
+
+class BadImageError(AnomalyCLIPError, ValueError):
+    """An image or mask file cannot be read, or cannot be read correctly; the message names the file and the fix."""
+
+
+class CheckpointFileError(AnomalyCLIPError, ValueError):
+    """A checkpoint path names a file that is not a readable Lightning checkpoint."""
+
+
+class CheckpointNotFoundError(CheckpointFileError, FileNotFoundError):
+    """A checkpoint path names no file (also a ``FileNotFoundError``, as Lightning's own error)."""
+
+
+class ExportUnavailableError(AnomalyCLIPError, RuntimeError):
+    """An export was asked for that cannot run here (missing package or data)."""
+
+
+class ExportDataError(ExportUnavailableError, ValueError):
+    """An export needs other data: also a ``ValueError``, the type anomalib raises when calibration data is missing."""
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
 def explain_setup_errors(function: Callable[P, R]) -> Callable[P, R]:
-    """Decorate a function (a constructor) so that :data:`USER_ERRORS` it raises are also logged plainly.
+    """Decorate a function (a constructor) so that an :class:`AnomalyCLIPError` it raises is also logged plainly.
 
     The signature and docstring stay those of ``function`` (jsonargparse reads them for the CLI's arguments).
     """
@@ -44,7 +88,7 @@ def explain_setup_errors(function: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return function(*args, **kwargs)
-        except USER_ERRORS as error:
+        except AnomalyCLIPError as error:
             logger.error("%s", error)
             raise
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 from anomalib.deploy.export import CompressionType
 from lightning_utilities.core.imports import module_available
 
+from .errors import ExportDataError, ExportUnavailableError
+
 if TYPE_CHECKING:
     from anomalib.data import AnomalibDataModule
     from anomalib.models.components import AnomalibModule
@@ -27,14 +29,6 @@ EXPORT_OPSET = 18
 INSTALL_HINT = "pip install 'anomalib-anomalyclip[export]'"
 NEEDS_DATA = {CompressionType.INT8_PTQ, CompressionType.INT8_ACQ}
 NEEDS_NNCF = {CompressionType.INT8, *NEEDS_DATA}
-
-
-class ExportUnavailableError(RuntimeError):
-    """An export was asked for that cannot run here (missing package or data)."""
-
-
-class ExportDataError(ExportUnavailableError, ValueError):
-    """An export needs other data: also a ``ValueError``, the type anomalib raises when calibration data is missing."""
 
 
 @contextmanager

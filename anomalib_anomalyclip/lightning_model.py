@@ -59,7 +59,7 @@ from .checkpoints import CheckedCheckpointLoading
 from .data.auxiliary import has_pixel_mask
 from .data.references import ReferenceSource, datamodule_references, folder_references, load_references
 from .dpam import DpamKind, TokenPath
-from .errors import explain_setup_errors
+from .errors import PromptsUnavailableError, explain_setup_errors
 from .export import EXPORT_OPSET, check_openvino_export, inference_model_in_place
 from .feature_cache import (
     FeatureCache,
@@ -85,10 +85,6 @@ CLIP_MEAN = OPENAI_DATASET_MEAN  # the normalisation CLIP (OpenAI weights) was t
 CLIP_STD = OPENAI_DATASET_STD
 CHECKPOINT_INFO_KEY = "anomalyclip"
 FROZEN_PREFIXES = ("model.visual_encoder.", "model.text_encoder.")  # the frozen CLIP: never stored in checkpoints
-
-
-class PromptsUnavailableError(RuntimeError):
-    """The model would score images with prompts that were never trained or loaded."""
 
 
 class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
+from .errors import PromptCheckpointError
+
 CHECKPOINT_FORMAT_KEY = "anomalyclip_prompts"
 CHECKPOINT_FORMAT_VERSION = 1
 AGNOSTIC_OBJECT = "object"
@@ -43,10 +45,6 @@ class PromptType(str, Enum):
 
     OBJECT_AGNOSTIC = "object_agnostic"
     OBJECT_AWARE = "object_aware"
-
-
-class PromptCheckpointError(ValueError):
-    """A prompt checkpoint cannot be used with this model configuration."""
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .cache import CACHE_ENV_VAR
 from .cache import cache_dir as cache_dir_of_kind
+from .errors import PromptWeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,6 @@ _HEX_LENGTHS: dict[str, int] = {"git-blob-sha1": 40, "sha256": 64}
 _SOURCE_COMMIT = "45ed4dd35c05797d854294b5e8d585c545920089"
 _SOURCE_URL = f"https://github.com/zqhang/AnomalyCLIP/raw/{_SOURCE_COMMIT}"
 _USER_AGENT = "anomalib-anomalyclip"
-
-
-class PromptWeightsError(ValueError):
-    """The prompt weights asked for cannot be found, downloaded or verified."""
 
 
 @dataclass(frozen=True)

@@ -90,3 +90,15 @@ def test_the_start_up_hook_imports_nothing_heavy() -> None:
         "[m for m in ('anomalib', 'torch', 'anomalib_anomalyclip', 'importlib.abc') if m in sys.modules])"
     )
     assert _fresh_python(code) == "True []"
+
+
+def test_every_user_facing_error_derives_from_the_package_base_error() -> None:
+    from anomalib_anomalyclip import errors
+
+    user_errors = [getattr(errors, name) for name in errors.__all__ if name.endswith("Error")]
+    assert len(user_errors) >= 10
+    assert all(issubclass(error, errors.AnomalyCLIPError) for error in user_errors)
+    with pytest.raises(errors.AnomalyCLIPError):
+        from anomalib_anomalyclip.weights import resolve_prompt_weights
+
+        resolve_prompt_weights("no-such-released-prompts")

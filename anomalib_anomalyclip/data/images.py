@@ -35,6 +35,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.tv_tensors import Mask
 
+from ..errors import BadImageError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "BadImageError",
@@ -59,10 +61,6 @@ _FIX_UNREADABLE = "Copy or export the file again (PNG or JPEG), or remove it."
 
 PathLike = str | os.PathLike
 T = TypeVar("T")
-
-
-class BadImageError(ValueError):
-    """An image or mask file cannot be read, or cannot be read correctly; the message names the file and the fix."""
 
 
 def read_image(path: PathLike) -> tv_tensors.Image:
