@@ -7,6 +7,8 @@
   which clips 16-bit images to white and drops transparency without an error. Before such a dataset is read, every
   file is checked and the run stops with one error that lists the files and the fix, instead of scoring wrong
   pixels. This package's own datasets read with :func:`anomalib_anomalyclip.data.images.read_image` and are skipped.
+* :class:`FewShotCheckpoint`: the validation-only ``fit`` of a few-shot model writes ``model.ckpt`` with the bank.
+* :class:`~anomalib_anomalyclip.feature_cache.FeatureCacheCallback`: the feature cache of prompt training.
 * :class:`PredictionCsvWriter`: ``anomalib predict`` writes ``predictions.csv`` (columns ``path``, ``score``,
   ``decision``) into the run's results folder, next to the ``images/`` folder of overlays; one file for the whole
   run under DDP too (rank 0 merges the ranks' rows).
@@ -34,6 +36,7 @@ from anomalib.utils.path import generate_output_filename
 from anomalib.visualization import ImageVisualizer
 from anomalib.visualization.image.item_visualizer import visualize_image_item
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2.functional import resize
@@ -41,10 +44,12 @@ from torchvision.transforms.v2.functional import resize
 from .checkpoints import CheckpointFileCheck
 from .data.images import anomalib_reader_problem, check_files, read_image
 from .data.synthetic_anomalies import SyntheticPreview
+from .feature_cache import FeatureCacheCallback
 
 __all__ = [
     "AnomalibReaderCheck",
     "ConvertingImageVisualizer",
+    "FewShotCheckpoint",
     "PredictionCsvWriter",
     "merge_rank_rows",
     "model_callbacks",
@@ -64,7 +69,36 @@ _READER_FIX = (
 
 def model_callbacks() -> list[Callback]:
     """The callbacks of this module, in the order the model adds them (after anomalib's own components)."""
-    return [CheckpointFileCheck(), AnomalibReaderCheck(), PredictionCsvWriter(), SyntheticPreview()]
+    return [
+        CheckpointFileCheck(),
+        AnomalibReaderCheck(),
+        PredictionCsvWriter(),
+        SyntheticPreview(),
+        FeatureCacheCallback(),
+        FewShotCheckpoint(),
+    ]
+
+
+class FewShotCheckpoint(Callback):
+    """Save a checkpoint after the validation-only ``fit`` of a few-shot model (prompts, references, thresholds).
+
+    anomalib's Engine fits a few-shot model with a validation pass, after which Lightning's checkpoint callback
+    writes nothing; this writes ``model.ckpt`` where that callback would (none when it keeps nothing, as with
+    ``save_top_k=0``), so that ``test``/``predict``/``export --ckpt_path`` find the bank.
+    """
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Save when a few-shot model was validated on its own (not within a fit, not in the sanity check)."""
+        if not getattr(pl_module.model, "k_shot", 0) or trainer.state.fn != TrainerFn.VALIDATING:
+            return
+        callback = trainer.checkpoint_callback
+        if trainer.sanity_checking or callback is None or callback.dirpath is None or callback.save_top_k == 0:
+            return
+        path = Path(callback.dirpath) / f"{callback.filename or 'model'}{callback.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        logger.info(
+            "AnomalyCLIP few-shot checkpoint (prompts, %d references, thresholds): %s", pl_module.model.k_shot, path
+        )
 
 
 class AnomalibReaderCheck(Callback):

@@ -1,4 +1,11 @@
-"""Clear errors for a ``--ckpt_path`` (or ``load_from_checkpoint`` file) that is not a readable checkpoint.
+"""AnomalyCLIP's Lightning checkpoints: what they hold, and clear errors for files that are not one.
+
+A checkpoint holds the prompts, anomalib's components (thresholds, pre-processing) and, under the key
+``anomalyclip``, the model's configuration (:meth:`.AnomalyCLIPModel.describe`), whether the prompts were trained
+and the few-shot references; not the frozen CLIP (GBs for ViT-L), which is loaded from ``pretrained``
+(:func:`save_model_state`, :func:`restore_model_state`).
+
+The files are checked as they are read:
 
 Lightning reads a checkpoint with ``torch.load`` and then looks up its keys, so a wrong file ends in a raw
 unpickling error (``invalid load key``, ``EOFError``, ``KeyError: 101``) or ``KeyError:
@@ -14,10 +21,12 @@ instead, which names the file and says what was expected:
 from __future__ import annotations
 
 import functools
+import logging
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anomalib.engine.plugins.checkpoint_io import AnomalibCheckpointIO
 from fsspec.implementations.local import LocalFileSystem
@@ -25,15 +34,24 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from .errors import CheckpointFileError, CheckpointNotFoundError
+from .errors import CheckpointFileError, CheckpointNotFoundError, PromptCheckpointError
+from .few_shot import few_shot_settings
+from .prompts import prompts_of_lightning_checkpoint
+
+if TYPE_CHECKING:
+    from .torch_model import AnomalyCLIPModel
 
 __all__ = [
+    "FROZEN_PREFIXES",
+    "MODEL_INFO_KEY",
     "CheckedCheckpointLoading",
     "CheckpointFileCheck",
     "CheckpointFileError",
     "CheckpointNotFoundError",
     "check_checkpoint_io",
     "read_checkpoint",
+    "restore_model_state",
+    "save_model_state",
 ]
 
 EXPECTED = (
@@ -44,6 +62,82 @@ EXPECTED = (
 LIGHTNING_KEYS = ("pytorch-lightning_version", "state_dict")
 _UNTRUSTED_TYPE = "Unsupported global"  # torch's weights-only reader met a class it does not trust
 _MARK = "_anomalyclip_checked"
+MODEL_INFO_KEY = "anomalyclip"
+FROZEN_PREFIXES = ("model.visual_encoder.", "model.text_encoder.")  # the frozen CLIP: never stored in checkpoints
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RestoredState:
+    """What a checkpoint says beside the tensors.
+
+    Attributes:
+        prompts_trained: the prompts were trained or loaded when the checkpoint was written.
+        references: the few-shot reference images whose tokens fill the restored bank (empty: none).
+    """
+
+    prompts_trained: bool
+    references: list[str]
+
+
+def save_model_state(
+    checkpoint: dict[str, Any], model: AnomalyCLIPModel, prompts_trained: bool, references: Sequence[str]
+) -> None:
+    """Drop the frozen CLIP from ``checkpoint`` and record the model's configuration, prompt state and references."""
+    checkpoint["state_dict"] = {
+        key: value for key, value in checkpoint["state_dict"].items() if not key.startswith(FROZEN_PREFIXES)
+    }
+    info = {"prompts_trained": bool(prompts_trained), **model.describe()}
+    if "few_shot" in info:
+        info["few_shot"]["references"] = list(references)
+    checkpoint[MODEL_INFO_KEY] = info
+
+
+def restore_model_state(
+    checkpoint: dict[str, Any], model: AnomalyCLIPModel, own_state: Mapping[str, Any]
+) -> RestoredState:
+    """Prepare ``model`` for the checkpoint's tensors, before Lightning loads them.
+
+    Fills in the frozen CLIP from ``own_state`` (the module's state dict, so that Lightning does not list hundreds of
+    missing keys), loads the prompts, warns where the checkpoint's prompts were made for another configuration, and
+    gives a zero-shot model the checkpoint's few-shot bank.
+
+    Raises:
+        PromptCheckpointError: the checkpoint holds no prompts, or a bank the few-shot model cannot read.
+    """
+    frozen = {key: value for key, value in own_state.items() if key.startswith(FROZEN_PREFIXES)}
+    checkpoint["state_dict"] = {**frozen, **checkpoint.get("state_dict", {})}
+    state = prompts_of_lightning_checkpoint(checkpoint)
+    if not state:
+        raise PromptCheckpointError("The checkpoint holds no AnomalyCLIP prompts (no 'model.prompt_learner.*').")
+    model.load_prompt_state(state, source="the Lightning checkpoint")
+    info = checkpoint.get(MODEL_INFO_KEY, {})
+    current = model.describe()
+    for key in ("feature_layers", "dpam_kind"):
+        if key in info and info[key] != current[key]:
+            logger.warning(
+                "Checkpoint prompts were trained with %s=%s; this model uses %s.", key, info[key], current[key]
+            )
+    stored = info.get("few_shot")
+    if stored:
+        _adopt_few_shot(model, stored)
+    return RestoredState(bool(info.get("prompts_trained", True)), list((stored or {}).get("references", [])))
+
+
+def _adopt_few_shot(model: AnomalyCLIPModel, stored: Mapping[str, Any]) -> None:
+    settings = few_shot_settings(
+        int(stored["k_shot"]), stored["layers"], stored["tokens"], stored["fusion"], model.feature_layers
+    )
+    current = model.few_shot_settings
+    if current is None or not current.k_shot:
+        model.use_few_shot(settings)
+    elif settings.taps != current.taps:
+        raise PromptCheckpointError(
+            f"The checkpoint's few-shot bank reads layers {list(settings.layers)} ({settings.tokens.value} "
+            f"tokens); this model reads {list(current.layers)} ({current.tokens.value}). Drop the "
+            "few_shot_layers/few_shot_tokens arguments to use the checkpoint's."
+        )
 
 
 def read_checkpoint(path: str | Path, load: Callable[[], Any]) -> dict[str, Any]:

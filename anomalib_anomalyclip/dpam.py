@@ -19,11 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import Enum
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+DpamKindName = Literal["vv", "qq", "kk", "none"]
+TokenPathName = Literal["dpam", "original"]
 
 
 class DpamKind(str, Enum):

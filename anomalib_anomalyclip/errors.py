@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from enum import Enum
 from typing import ParamSpec, TypeVar
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "BadImageError",
     "CheckpointFileError",
     "CheckpointNotFoundError",
+    "ChoiceError",
     "ExportDataError",
     "ExportUnavailableError",
     "PromptCheckpointError",
@@ -29,6 +31,7 @@ __all__ = [
     "PromptsUnavailableError",
     "WeightsUnavailableError",
     "explain_setup_errors",
+    "parse_choice",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +75,28 @@ class ExportUnavailableError(AnomalyCLIPError, RuntimeError):
 
 class ExportDataError(ExportUnavailableError, ValueError):
     """An export needs other data: also a ``ValueError``, the type anomalib raises when calibration data is missing."""
+
+
+class ChoiceError(AnomalyCLIPError, ValueError):
+    """An argument names a choice that does not exist (the message lists the valid ones)."""
+
+
+E = TypeVar("E", bound=Enum)
+
+
+def parse_choice(kind: type[E], value: E | str, argument: str) -> E:
+    """The member of ``kind`` named ``value`` (its value, e.g. ``"vv"``).
+
+    jsonargparse checks the ``Literal`` types of the CLI itself; this is the same check for Python callers.
+
+    Raises:
+        ChoiceError: ``value`` names no member; the message lists the valid values.
+    """
+    try:
+        return kind(value)
+    except ValueError:
+        valid = ", ".join(repr(member.value) for member in kind)
+        raise ChoiceError(f"{argument} must be one of {valid}, got {value!r}.") from None
 
 
 P = ParamSpec("P")

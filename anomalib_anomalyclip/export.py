@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from anomalib.deploy.export import CompressionType
 from lightning_utilities.core.imports import module_available
@@ -81,3 +82,50 @@ def check_openvino_export(
             "OpenVINO INT8_ACQ checks the accuracy of the quantised model in batches, and anomalib's check fails "
             "for batches of one image: give the datamodule eval_batch_size >= 2 (CLI: --data.eval_batch_size 8)."
         )
+
+
+class InferencePathExport:
+    """Mixin for an ``AnomalibModule``: ``to_torch``/``to_onnx``/``to_openvino`` export the inference path only.
+
+    The module's :meth:`prepare_export` runs first (it refuses a model that cannot score yet); then anomalib's
+    export runs with ``model`` being the inference model (:func:`inference_model_in_place`).
+    """
+
+    def prepare_export(self) -> None:
+        """Make the model ready to export, or raise saying what is missing (the module provides it)."""
+        raise NotImplementedError
+
+    def to_torch(self, export_root: str | Path, model_file_name: str = "model") -> Path:
+        """Save the inference path for ``TorchInferencer``."""
+        self.prepare_export()
+        with inference_model_in_place(self):
+            return super().to_torch(export_root, model_file_name)
+
+    def to_onnx(
+        self,
+        export_root: str | Path,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """One ONNX graph from image to score and map, with the text embeddings baked in (no text encoder).
+
+        Also the first step of ``to_openvino``. Defaults to ONNX opset 18.
+        """
+        self.prepare_export()
+        kwargs.setdefault("opset_version", EXPORT_OPSET)
+        with inference_model_in_place(self):
+            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+
+    def to_openvino(
+        self,
+        export_root: str | Path,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        compression_type: CompressionType | None = None,
+        datamodule: AnomalibDataModule | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """OpenVINO export (anomalib's, of the ONNX graph); fails early with a clear message when it cannot run."""
+        check_openvino_export(compression_type, datamodule)
+        return super().to_openvino(export_root, model_file_name, input_size, compression_type, datamodule, **kwargs)

@@ -32,15 +32,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .dpam import Tap, TokenPath
+from .errors import parse_choice
 
 BANK_CHUNK_ROWS = 8192  # bank rows per matrix product: bounds the similarity matrix (B x N x rows)
 _EPSILON = 1e-8
+
+
+FewShotFusionName = Literal["mean", "harmonic", "few_shot"]
 
 
 class FewShotFusion(str, Enum):
@@ -182,14 +187,13 @@ def few_shot_settings(
     """Checked few-shot settings; the bank's layers default to the model's feature layers."""
     if k_shot < 0:
         raise ValueError(f"k_shot must be 0 (zero-shot) or a positive number of reference images, got {k_shot}.")
-    try:
-        path, fusion = TokenPath(tokens), FewShotFusion(fusion)
-    except ValueError as error:
-        raise ValueError(
-            f"{error}. few_shot_tokens takes {[p.value for p in TokenPath]}, few_shot_fusion "
-            f"{[f.value for f in FewShotFusion]}."
-        ) from None
-    return FewShotSettings(k_shot, tuple(sorted(set(layers or feature_layers))), path, fusion)
+    path = parse_choice(TokenPath, tokens, "few_shot_tokens")
+    return FewShotSettings(
+        k_shot,
+        tuple(sorted(set(layers or feature_layers))),
+        path,
+        parse_choice(FewShotFusion, fusion, "few_shot_fusion"),
+    )
 
 
 def choose_references(paths: Sequence[str | Path], k_shot: int, seed: int, source: str) -> list[str]:

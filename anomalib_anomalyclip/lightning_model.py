@@ -1,12 +1,11 @@
 """AnomalyCLIP as an anomalib model: ``anomalib train|fit|test|predict --model AnomalyCLIP``.
 
-Two ways to use it:
+Three ways to use it:
 
 * **Zero-shot** (the usual case): give prompts with ``prompt_weights`` (a file, an
   http(s) URL, or the short name of a released checkpoint such as
   ``anomalyclip-mvtec``). The model is then a zero-shot model for anomalib's Engine:
-  ``train``/``fit`` only collect normalisation statistics and thresholds, ``test`` and
-  ``predict`` score the target data.
+  ``train``/``fit`` only collect thresholds, ``test`` and ``predict`` score the target data.
 * **Few-shot** (``k_shot > 0``): ``k_shot`` normal images of the product (the
   datamodule's train split, or ``few_shot_source``) fill a memory bank of patch tokens
   whose nearest-neighbour distances join the zero-shot map (see :mod:`.few_shot`).
@@ -18,9 +17,16 @@ Two ways to use it:
   AD's test split. Only the prompts are trained and stored in the checkpoint; the CLIP
   weights stay frozen and are loaded from ``pretrained``.
 
-Without ``prompt_weights``, when there is nothing to learn prompts from (the fit data
-holds normal images only, or there is no fit), the model takes the authors' released
-prompts trained on the other dataset (see :func:`.weights.released_prompts_for`).
+Where the prompts come from is decided by :func:`.weights.plan_prompts`: without ``prompt_weights``, when
+there is nothing to learn prompts from (the fit data holds normal images only, or there is no fit), the
+model takes the authors' released prompts trained on the other dataset. A ``fit`` on normal images only
+then has nothing to train: the model ends the training loop after one batch without a gradient step
+(:meth:`AnomalyCLIP.setup`), so that anomalib's validation thresholds and checkpoint follow.
+
+The computation is the torch model's (:class:`.torch_model.AnomalyCLIPModel`); around the steps, the
+callbacks of :mod:`.callbacks` keep the feature cache of prompt training, check inputs, write
+``predictions.csv`` and the few-shot checkpoint; :mod:`.checkpoints` defines what a checkpoint holds and
+:mod:`.export` what an export holds.
 
 Example:
     >>> from anomalib.engine import Engine
@@ -35,13 +41,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from anomalib import LearningType
-from anomalib.data import AnomalibDataModule, Batch
-from anomalib.deploy.export import CompressionType
-from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Max
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
@@ -49,45 +54,32 @@ from anomalib.visualization import ImageVisualizer, Visualizer
 from lightning.pytorch import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
-from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
-from . import expose_in_anomalib
+from ._registry import register
 from .callbacks import ConvertingImageVisualizer, model_callbacks
-from .checkpoints import CheckedCheckpointLoading
-from .data.auxiliary import has_pixel_mask
+from .checkpoints import CheckedCheckpointLoading, restore_model_state, save_model_state
 from .data.references import ReferenceSource, datamodule_references, folder_references, load_references
-from .dpam import DpamKind, TokenPath
-from .errors import PromptsUnavailableError, explain_setup_errors
-from .export import EXPORT_OPSET, check_openvino_export, inference_model_in_place
-from .feature_cache import (
-    FeatureCache,
-    check_storage_dtype,
-    training_feature_cache,
-    validation_feature_cache,
-    visual_features,
-)
-from .few_shot import FewShotFusion, FewShotSettings, choose_references, few_shot_settings
-from .loss import GlocalLoss, LossVariant
-from .metrics import PaperAUPRO
-from .post_processor import DEFAULT_NORMAL_QUANTILE, ProbabilityPostProcessor, check_quantile
-from .pre_processor import AnomalyCLIPPreProcessor, Preprocessing, check_preprocessing
-from .prompts import AGNOSTIC_OBJECT, PromptCheckpointError, PromptType, prompts_of_lightning_checkpoint
+from .data.samples import has_pixel_mask
+from .dpam import DpamKind, DpamKindName, TokenPathName
+from .errors import PromptsUnavailableError, explain_setup_errors, parse_choice
+from .export import InferencePathExport
+from .feature_cache import FeatureCache, check_storage_dtype
+from .few_shot import FewShotFusionName, choose_references, few_shot_settings
+from .loss import GlocalLoss, LossName, LossVariant
+from .metrics import anomalyclip_evaluator
+from .post_processor import DEFAULT_NORMAL_QUANTILE, ProbabilityPostProcessor
+from .pre_processor import PreprocessingName, clip_pre_processor
+from .prompts import AGNOSTIC_OBJECT, PromptType, PromptTypeName
 from .torch_model import AnomalyCLIPModel
-from .weights import released_prompts_for, resolve_prompt_weights
+from .weights import PromptPlan, plan_prompts, resolve_prompt_weights
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AnomalyCLIP", "ProbabilityPostProcessor", "PromptsUnavailableError"]
 
-CLIP_MEAN = OPENAI_DATASET_MEAN  # the normalisation CLIP (OpenAI weights) was trained with
-CLIP_STD = OPENAI_DATASET_STD
-CHECKPOINT_INFO_KEY = "anomalyclip"
-FROZEN_PREFIXES = ("model.visual_encoder.", "model.text_encoder.")  # the frozen CLIP: never stored in checkpoints
 
-
-class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
+class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule):
     """AnomalyCLIP: object-agnostic prompt learning for zero-shot anomaly detection.
 
     Args:
@@ -158,33 +150,33 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
         image_size: int = 518,
         prompt_weights: str | None = None,
         train_prompts: bool | None = None,
-        dpam_kind: str = DpamKind.VV.value,
+        dpam_kind: DpamKindName = "vv",
         dpam_start_layer: int = 6,
         feature_layers: Sequence[int] | None = None,
         n_ctx: int = 12,
         text_token_depth: int = 9,
         text_token_length: int = 4,
         text_tokens: bool = True,
-        prompt_type: str = PromptType.OBJECT_AGNOSTIC.value,
+        prompt_type: PromptTypeName = "object_agnostic",
         class_name: str | None = None,
         smoothing_sigma: float = 4.0,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.5, 0.999),
-        loss: str = LossVariant.GLOCAL.value,
+        loss: LossName = "glocal",
         local_loss_weight: float = 4.0,
         epochs: int = 15,
         seed: int | None = 111,
         cache_dir: str | None = None,
         feature_cache: bool = True,
         feature_cache_dir: str | None = None,
-        feature_cache_dtype: str = "float32",
+        feature_cache_dtype: Literal["float32", "float16"] = "float32",
         k_shot: int = 0,
         few_shot_source: str | None = None,
         few_shot_layers: Sequence[int] | None = None,
-        few_shot_tokens: str = TokenPath.DPAM.value,
-        few_shot_fusion: str = FewShotFusion.MEAN.value,
+        few_shot_tokens: TokenPathName = "dpam",
+        few_shot_fusion: FewShotFusionName = "mean",
         normal_quantile: float = DEFAULT_NORMAL_QUANTILE,
-        preprocessing: str = Preprocessing.REFERENCE.value,
+        preprocessing: PreprocessingName = "reference",
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -194,73 +186,55 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
         if pre_processor is True:
             pre_processor = self.configure_pre_processor((image_size, image_size), preprocessing)
         if post_processor is True:
-            post_processor = ProbabilityPostProcessor(check_quantile(normal_quantile))
+            post_processor = ProbabilityPostProcessor(normal_quantile)
         super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
+            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
         )
-        weights_file = resolve_prompt_weights(prompt_weights)
         self.model = AnomalyCLIPModel(
             backbone=backbone,
             pretrained=pretrained,
             image_size=image_size,
-            prompt_weights=weights_file,
-            dpam_kind=dpam_kind,
+            prompt_weights=resolve_prompt_weights(prompt_weights),
+            dpam_kind=parse_choice(DpamKind, dpam_kind, "dpam_kind"),
             dpam_start_layer=dpam_start_layer,
             feature_layers=feature_layers,
             n_ctx=n_ctx,
             text_token_depth=text_token_depth,
             text_token_length=text_token_length,
             text_tokens=text_tokens,
-            prompt_type=prompt_type,
+            prompt_type=parse_choice(PromptType, prompt_type, "prompt_type"),
             class_name=class_name or AGNOSTIC_OBJECT,
             smoothing_sigma=smoothing_sigma,
             prompt_seed=seed,
             cache_dir=cache_dir,
         )
-        self.few_shot_config = few_shot_settings(
+        settings = few_shot_settings(
             k_shot, few_shot_layers, few_shot_tokens, few_shot_fusion, self.model.feature_layers
         )
-        if self.few_shot_config.k_shot:
-            self._build_few_shot(self.few_shot_config)
-        self.loss = GlocalLoss(loss, local_loss_weight)
-        self.class_name = class_name
-        # Prompts chosen by the data: none given and not asked to train; released prompts when nothing can teach them.
-        self.prompts_chosen_by_data = prompt_weights is None and not train_prompts
-        self.learns_prompts = not self.few_shot_config.k_shot and (
-            prompt_weights is None if train_prompts is None else train_prompts
-        )
-        self.prompts_ready = weights_file is not None
-        self._feature_cache: FeatureCache | None = None
-        self._validation_cache: FeatureCache | None = None
-        self._references: list[str] = []
+        if settings.k_shot:
+            self.model.use_few_shot(settings)
+        self.loss = GlocalLoss(parse_choice(LossVariant, loss, "loss"), local_loss_weight)
+        self.prompts_ready = prompt_weights is not None
+        self.learns_prompts = self._prompt_plan(fitting=True, datamodule=None).learn
+        # Set by FeatureCacheCallback while prompts are trained (see anomalib_anomalyclip.feature_cache).
+        self.train_features: FeatureCache | None = None
+        self.val_features: FeatureCache | None = None
+        self.references: list[str] = []  # the few-shot reference images in the bank
         self._references_restored = False
         self._set_probability_scale()
-        # The frozen CLIP is not stored in checkpoints (see on_save_checkpoint).
-        self.strict_loading = False
+        self.strict_loading = False  # the frozen CLIP is not stored in checkpoints
 
     @classmethod
     def configure_pre_processor(
-        cls, image_size: tuple[int, int] | None = None, preprocessing: str = Preprocessing.REFERENCE.value
+        cls, image_size: tuple[int, int] | None = None, preprocessing: PreprocessingName = "reference"
     ) -> PreProcessor:
-        """Resize to the model's input size (bicubic) and normalise with CLIP's statistics.
+        """Resize to the model's input size (bicubic) and normalise with CLIP's statistics (see :mod:`.pre_processor`).
 
         Args:
             image_size: (height, width); ``None`` means 518 x 518 as in the paper.
-            preprocessing: ``reference`` (:class:`.AnomalyCLIPPreProcessor`) or ``fast`` (anomalib's resize).
+            preprocessing: ``reference`` (the reference's 8-bit resize) or ``fast`` (anomalib's float resize).
         """
-        size = image_size or (518, 518)
-        if check_preprocessing(preprocessing) is Preprocessing.REFERENCE:
-            return AnomalyCLIPPreProcessor(size)
-        transform = Compose(
-            [
-                Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
-                Normalize(mean=CLIP_MEAN, std=CLIP_STD),
-            ]
-        )
-        return PreProcessor(transform=transform)
+        return clip_pre_processor(image_size or (518, 518), preprocessing)
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
@@ -270,28 +244,27 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
     @staticmethod
     def configure_evaluator() -> Evaluator:
         """Image AUROC, AP and F1-max; pixel AUROC, AUPRO (anomalib's and the paper's) and F1-max."""
-        image_fields = ["pred_score", "gt_label"]
-        pixel_fields = ["anomaly_map", "gt_mask"]
-        test_metrics = [
-            AUROC(fields=image_fields, prefix="image_"),
-            AUPR(fields=image_fields, prefix="image_"),
-            F1Max(fields=image_fields, prefix="image_"),
-            AUROC(fields=pixel_fields, prefix="pixel_", strict=False),
-            AUPRO(fields=pixel_fields, prefix="pixel_", strict=False),
-            PaperAUPRO(fields=pixel_fields, prefix="pixel_", strict=False),
-            F1Max(fields=pixel_fields, prefix="pixel_", strict=False),
-        ]
-        return Evaluator(test_metrics=test_metrics)
+        return anomalyclip_evaluator()
 
     @classmethod
     def configure_visualizer(cls) -> ImageVisualizer:
         """The image visualiser, drawing overlays on the images as this package converts them (16-bit, alpha)."""
         return ConvertingImageVisualizer()
 
+    def configure_callbacks(self) -> list[Callback]:
+        """The components' callbacks, then this package's (see :mod:`.callbacks`)."""
+        return [*super().configure_callbacks(), *model_callbacks()]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        """Adam over the prompt parameters only (about 43 K numbers for ViT-L/14@336)."""
+        if not self.learns_prompts:
+            return None
+        return torch.optim.Adam(self.model.prompt_parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+
     @property
     def learning_type(self) -> LearningType:
         """``FEW_SHOT`` with k_shot; ``ONE_CLASS`` (anomalib's "needs fitting") to learn prompts; else ``ZERO_SHOT``."""
-        if self.few_shot_config.k_shot:
+        if self.model.k_shot:
             return LearningType.FEW_SHOT
         return LearningType.ONE_CLASS if self.learns_prompts else LearningType.ZERO_SHOT
 
@@ -304,40 +277,30 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
 
     @classmethod
     def checkpoint_safe_globals(cls) -> Sequence[Any]:
-        """Enums that may appear in saved hyper-parameters."""
+        """Enums that may appear in the saved hyper-parameters of older checkpoints."""
         return (DpamKind, PromptType, LossVariant)
 
-    def configure_callbacks(self) -> list[Callback]:
-        """The components' callbacks, then the input check and the predictions CSV (see :mod:`.callbacks`)."""
-        return [*super().configure_callbacks(), *model_callbacks()]
-
-    def configure_optimizers(self) -> torch.optim.Optimizer | None:
-        """Adam over the prompt parameters only (about 43 K numbers for ViT-L/14@336)."""
-        if not self.learns_prompts:
-            return None
-        parameters = self.model.prompt_learner.parameters()
-        return torch.optim.Adam(parameters, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
-
     def setup(self, stage: str) -> None:
-        """Take the object name from the datamodule's category; choose released prompts for normal-only fit data.
+        """Take the object name from the datamodule's category; decide where the prompts of a fit come from.
 
-        ``fit`` on normal images only with prompts chosen by the data (the plain ``anomalib
-        train --model AnomalyCLIP --data MVTecAD``) has nothing to learn prompts from: the
-        released prompts are loaded, and the fit makes one pass over a single batch without a
-        gradient step, so that anomalib's validation thresholds and checkpoint follow.
+        A fit with prompts chosen by the data on normal images only (the plain ``anomalib train --model
+        AnomalyCLIP --data MVTecAD``) has nothing to learn: the released prompts are loaded and the training
+        loop is cut to one batch without a gradient step, so that anomalib's validation and checkpoint follow.
         """
-        if getattr(self, "_trainer", None) is None:
-            return
-        datamodule = self.trainer.datamodule
+        datamodule = self._datamodule()
         category = getattr(datamodule, "category", None)
-        if self.class_name is None and isinstance(category, str) and category:
+        if self.hparams.class_name is None and isinstance(category, str) and category:
             self.model.class_name = category
-        learns_from_data = stage == TrainerFn.FITTING and self.learns_prompts and self.prompts_chosen_by_data
-        if learns_from_data and training_data_is_normal_only(datamodule):
-            self._load_released_prompts(f"the training data of {type(datamodule).__name__} holds only normal images")
-            self.learns_prompts = False
-            self.trainer.fit_loop.max_epochs = 1
-            self.trainer.limit_train_batches = 1
+        if stage != TrainerFn.FITTING or not self.learns_prompts:
+            return
+        plan = self._prompt_plan(fitting=True, datamodule=datamodule)
+        if plan.learn:
+            self.prompts_ready = True  # the fit gives them
+            return
+        self._load_released_prompts(plan)
+        self.learns_prompts = False
+        self.trainer.fit_loop.max_epochs = 1
+        self.trainer.limit_train_batches = 1
 
     def val_dataloader(self) -> list:
         """No validation data of the model's own.
@@ -348,109 +311,32 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
         """
         return []
 
-    def on_fit_start(self) -> None:
-        """Check that the training data can teach the prompts anything."""
-        if self.learns_prompts:
-            _check_training_data(self.trainer.datamodule)
-            self.prompts_ready = True
-
-    def on_train_start(self) -> None:
-        """Open the feature cache of the training images (unless switched off)."""
-        if self.learns_prompts and self.hparams.feature_cache:
-            self._feature_cache = training_feature_cache(
-                self.trainer, self, self.hparams.feature_cache_dir, self.hparams.feature_cache_dtype
-            )
-
-    def on_train_epoch_start(self) -> None:
-        """Share and log the feature cache's fill and reuse of the previous epoch (see ``FeatureCache.begin_epoch``)."""
-        if self._feature_cache is not None:
-            self._feature_cache.begin_epoch()
-
     def on_train_end(self) -> None:
-        """Release the feature cache. From now on the prompts are fixed: further runs are zero-shot."""
-        if self._feature_cache is not None:
-            self._feature_cache.close()
-            self._feature_cache = None
-        self._validation_cache = None
+        """From now on the prompts are fixed: further runs are zero-shot."""
         self.learns_prompts = False
 
     def on_validation_start(self) -> None:
-        """Make ready to score (prompts, references); serve fit's validation from the training feature cache."""
-        self._prepare_scoring()
-        self._validation_cache = validation_feature_cache(self.trainer, self, self._feature_cache)
-
-    def on_validation_end(self) -> None:
-        """Save a checkpoint (prompts, references, thresholds) after a few-shot model's validation-only fit."""
-        if (
-            not self.few_shot_config.k_shot
-            or self.trainer.state.fn != TrainerFn.VALIDATING
-            or self.trainer.sanity_checking
-        ):
-            return
-        callback = self.trainer.checkpoint_callback
-        # A checkpoint callback that keeps nothing (save_top_k=0, as in the benchmark) means: no checkpoint.
-        if callback is not None and callback.dirpath is not None and callback.save_top_k != 0:
-            path = Path(callback.dirpath) / f"{callback.filename or 'model'}{callback.FILE_EXTENSION}"
-            self.trainer.save_checkpoint(path)
-            logger.info(
-                "AnomalyCLIP few-shot checkpoint (prompts, %d references, thresholds): %s",
-                self.few_shot_config.k_shot,
-                path,
-            )
+        """Make ready to score: prompts (refused if untrained), references."""
+        self.prepare_scoring()
 
     def on_test_start(self) -> None:
         """Make ready to score: prompts (refused if untrained), references."""
-        self._prepare_scoring()
+        self.prepare_scoring()
 
     def on_predict_start(self) -> None:
         """Make ready to score: prompts (refused if untrained), references."""
-        self._prepare_scoring()
-
-    def to_torch(self, export_root: str | Path, model_file_name: str = "model") -> Path:
-        """Save the inference path for ``TorchInferencer`` (see :mod:`anomalib_anomalyclip.export`)."""
-        self._require_ready_for_export()
-        with inference_model_in_place(self):
-            return super().to_torch(export_root, model_file_name)
-
-    def to_onnx(
-        self,
-        export_root: str | Path,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        **kwargs,
-    ) -> Path:
-        """One ONNX graph from image to score and map, with the text embeddings baked in (no text encoder).
-
-        Also the first step of ``to_openvino``. Defaults to ONNX opset 18.
-        """
-        self._require_ready_for_export()
-        kwargs.setdefault("opset_version", EXPORT_OPSET)
-        with inference_model_in_place(self):
-            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
-
-    def to_openvino(
-        self,
-        export_root: str | Path,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        compression_type: CompressionType | None = None,
-        datamodule: AnomalibDataModule | None = None,
-        **kwargs,
-    ) -> Path:
-        """OpenVINO export (anomalib's, of the ONNX graph); fails early with a clear message when it cannot run."""
-        check_openvino_export(compression_type, datamodule)
-        return super().to_openvino(export_root, model_file_name, input_size, compression_type, datamodule, **kwargs)
+        self.prepare_scoring()
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One step of prompt learning with the glocal loss (nothing when the prompts are fixed)."""
         del args, kwargs
         if not self.learns_prompts:
             return None
-        paths = getattr(batch, "image_path", None)
-        features = visual_features(self.model.visual_encoder, batch.image, paths, self._feature_cache)
+        features = self.model.visual_features(batch.image, getattr(batch, "image_path", None), self.train_features)
         outputs = self.model.outputs_from_features(*features, batch.image.shape[-2:], self._class_names(batch))
-        masks, has_mask = _masks_and_presence(batch)
-        terms = self.loss(outputs.image_logits, batch.gt_label, outputs.layer_probabilities, masks, has_mask)
+        masks = None if batch.gt_mask is None else batch.gt_mask.float().reshape(-1, *batch.gt_mask.shape[-2:])
+        probabilities = outputs.layer_probabilities
+        terms = self.loss(outputs.image_logits, batch.gt_label, probabilities, masks, has_pixel_mask(batch))
         for name, value in terms.items():
             self.log(
                 f"train_{name}",
@@ -464,216 +350,134 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
         return terms["loss"]
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Score the batch (anomalib collects normalisation statistics and thresholds).
-
-        Within ``fit``, images whose features the training cache holds are scored from them.
-        """
+        """Score the batch (anomalib collects thresholds); within ``fit``, from the training features where cached."""
         del args, kwargs
-        if self.model.few_shot is not None:
+        if self.model.k_shot:
             return batch.update(**self.model(batch.image)._asdict())
         paths = getattr(batch, "image_path", None)
-        encoder = self.model.visual_encoder
-        features = visual_features(encoder, batch.image, paths, self._validation_cache, record=False)
-        predictions = self.model.scores_from_features(*features, batch.image.shape[-2:])
-        return batch.update(**predictions._asdict())
+        features = self.model.visual_features(batch.image, paths, self.val_features, record=False)
+        return batch.update(**self.model.scores_from_features(*features, batch.image.shape[-2:])._asdict())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the prompts and anomalib's components, not the frozen CLIP (GBs for ViT-L)."""
+        """Store the prompts, references and anomalib's components, not the frozen CLIP (see :mod:`.checkpoints`)."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"] = {
-            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith(FROZEN_PREFIXES)
-        }
-        checkpoint[CHECKPOINT_INFO_KEY] = {
-            "prompts_trained": bool(self.prompts_ready),
-            "feature_layers": list(self.model.feature_layers),
-            "dpam_kind": self.model.visual_encoder.dpam_kind.value,
-            "image_size": self.model.image_size,
-        }
-        if self.few_shot_config.k_shot:
-            checkpoint[CHECKPOINT_INFO_KEY]["few_shot"] = {
-                "k_shot": self.few_shot_config.k_shot,
-                "layers": list(self.few_shot_config.layers),
-                "tokens": self.few_shot_config.tokens.value,
-                "fusion": self.few_shot_config.fusion.value,
-                "references": list(self._references),
-            }
+        save_model_state(checkpoint, self.model, self.prompts_ready, self.references)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Load the prompts with a clear error when they were made for another configuration."""
-        # The frozen CLIP is this model's own (loaded from ``pretrained``): filling it in keeps Lightning from
-        # listing hundreds of "missing" keys on every load.
-        frozen = {key: value for key, value in self.state_dict().items() if key.startswith(FROZEN_PREFIXES)}
-        checkpoint["state_dict"] = {**frozen, **checkpoint.get("state_dict", {})}
+        """Load the prompts (and a few-shot bank), with a clear error when they were made for another configuration."""
+        restored = restore_model_state(checkpoint, self.model, self.state_dict())
         super().on_load_checkpoint(checkpoint)
-        state = prompts_of_lightning_checkpoint(checkpoint)
-        if not state:
-            raise PromptCheckpointError("The checkpoint holds no AnomalyCLIP prompts (no 'model.prompt_learner.*').")
-        self.model.prompt_learner.load_prompt_state(state, source="the Lightning checkpoint")
-        info = checkpoint.get(CHECKPOINT_INFO_KEY, {})
-        self._warn_on_differences(info)
-        self._adopt_few_shot(info.get("few_shot"))
-        self.prompts_ready = bool(info.get("prompts_trained", True))
+        self._set_probability_scale()
+        self.prompts_ready = restored.prompts_trained
         self.learns_prompts = False
+        if self.model.k_shot:
+            self.references = restored.references
+            self._references_restored = True
 
-    def _warn_on_differences(self, info: dict[str, Any]) -> None:
-        current = {
-            "feature_layers": list(self.model.feature_layers),
-            "dpam_kind": self.model.visual_encoder.dpam_kind.value,
-        }
-        for key, value in current.items():
-            if key in info and info[key] != value:
-                logger.warning("Checkpoint prompts were trained with %s=%s; this model uses %s.", key, info[key], value)
-
-    def _require_prompts(self) -> None:
-        if self.prompts_ready:
-            return
-        raise PromptsUnavailableError(
-            "AnomalyCLIP has no trained prompts, and scoring with untrained prompts gives meaningless results. "
-            "Either pass released prompts (downloaded once and cached): --model.prompt_weights anomalyclip-mvtec "
-            "(trained on MVTec AD; use anomalyclip-visa when testing on MVTec AD), or a prompt file: "
-            "--model.prompt_weights /path/to/epoch_15.pth, or a trained checkpoint: --ckpt_path model.ckpt. "
-            "To learn prompts, run `anomalib fit` with anomalib_anomalyclip.data.AuxiliaryDataModule."
-        )
-
-    def _prepare_scoring(self) -> None:
-        """Prompts (released ones when the data chose them and none are loaded) and the few-shot references."""
-        if not self.prompts_ready and self.prompts_chosen_by_data:
-            self._load_released_prompts("no prompts were given and this run trains none")
+    def prepare_scoring(self) -> None:
+        """Prompts (released ones when the plan says so) and the few-shot references; refuses untrained prompts."""
+        plan = self._prompt_plan(fitting=False, datamodule=self._datamodule())
+        if plan.released is not None:
+            self._load_released_prompts(plan)
         self._require_prompts()
-        if self.few_shot_config.k_shot:
-            self._ensure_references(required=True)
+        if self.model.k_shot:
+            self.collect_references(required=True)
 
-    def _load_released_prompts(self, reason: str) -> None:
-        datamodule = self.trainer.datamodule if getattr(self, "_trainer", None) is not None else None
-        released = released_prompts_for(datamodule)
-        logger.info(
-            "AnomalyCLIP uses the released prompts '%s' (trained on %s), because %s; pass --model.prompt_weights "
-            "to choose others.",
-            released.name,
-            released.trained_on,
-            reason,
-        )
-        self.model.prompt_learner.load_checkpoint(resolve_prompt_weights(released.name))
-        self.prompts_ready = True
-
-    def _ensure_references(self, required: bool) -> None:
-        """Fill the bank from the references unless it holds them already (this run, or restored from a checkpoint)."""
-        if self.model.few_shot.active and (self._references_restored or self.hparams.few_shot_source):
-            return  # restored, or filled this run from the folder (which is not listed and checked again)
-        # Without a source (e.g. predicting on a folder after fit), a filled bank stays as it is.
-        source = self._reference_source(required and not self.model.few_shot.active)
-        if source is None:
-            return
-        paths = choose_references(source.paths, self.few_shot_config.k_shot, self.hparams.seed or 0, source.description)
-        if self.model.few_shot.active and paths == self._references:
-            return
-        images = load_references(paths, source, self.pre_processor.transform if self.pre_processor else None)
-        left_out = self.model.remember_references(images.to(self.device))
-        self._references = paths
-        logger.info(
-            "AnomalyCLIP few-shot references (%d from %s): %s; memory bank %s, %.1f MB.",
-            len(paths),
-            source.description,
-            ", ".join(Path(path).name for path in paths),
-            "x".join(str(size) for size in self.model.few_shot.memory.shape),
-            self.model.few_shot.memory_bytes / 1e6,
-        )
-        if left_out is not None and isinstance(self.post_processor, ProbabilityPostProcessor):
-            self.post_processor.set_normal_thresholds(
-                left_out.pred_score, left_out.anomaly_map, "references scored leave-one-out"
-            )
-
-    def _reference_source(self, required: bool) -> ReferenceSource | None:
-        if self.hparams.few_shot_source:
-            return folder_references(self.hparams.few_shot_source)
-        datamodule = self.trainer.datamodule if getattr(self, "_trainer", None) is not None else None
-        if getattr(datamodule, "train_data", None) is not None:
-            return datamodule_references(datamodule)
-        if not required:
-            return None
-        raise ValueError(
-            f"k_shot={self.few_shot_config.k_shot} needs normal reference images, but there is no datamodule with a "
-            "train split. Give a folder of normal images with --model.few_shot_source, or --ckpt_path a "
-            "checkpoint of a few-shot run (it holds the references)."
-        )
-
-    def _require_ready_for_export(self) -> None:
+    def prepare_export(self) -> None:
+        """Refuse to export untrained prompts or an empty few-shot bank (the export would be zero-shot)."""
         self._require_prompts()
-        if self.few_shot_config.k_shot and not self.model.few_shot.active:
+        if self.model.k_shot and not self.model.has_references:
             if not self.hparams.few_shot_source:
                 raise ValueError(
                     "This few-shot model holds no references yet, so an export would be zero-shot. Export with "
                     "--ckpt_path of the checkpoint that `anomalib train` saved, or give --model.few_shot_source."
                 )
-            self._ensure_references(required=True)
+            self.collect_references(required=True)
 
-    def _build_few_shot(self, settings: FewShotSettings) -> None:
-        scorer = self.model.build_few_shot_scorer(settings.taps, settings.fusion)
-        self.model.few_shot = scorer.to(self.model.text_features.device)
-        self.few_shot_config = settings
-
-    def _adopt_few_shot(self, stored: dict[str, Any] | None) -> None:
-        """Take the few-shot settings of a checkpoint; a few-shot model must match them."""
-        if not stored:
-            return
-        settings = few_shot_settings(
-            int(stored["k_shot"]), stored["layers"], stored["tokens"], stored["fusion"], self.model.feature_layers
-        )
-        current = self.few_shot_config
-        if current.k_shot and settings.taps != current.taps:
-            raise PromptCheckpointError(
-                f"The checkpoint's few-shot bank reads layers {list(settings.layers)} ({settings.tokens.value} "
-                f"tokens); this model reads {list(current.layers)} ({current.tokens.value}). Drop the "
-                "few_shot_layers/few_shot_tokens arguments to use the checkpoint's."
+    def _require_prompts(self) -> None:
+        if not self.prompts_ready:
+            raise PromptsUnavailableError(
+                "AnomalyCLIP has no trained prompts, and scoring with untrained prompts gives meaningless results. "
+                "Either pass released prompts (downloaded once and cached): --model.prompt_weights "
+                "anomalyclip-mvtec (trained on MVTec AD; use anomalyclip-visa when testing on MVTec AD), or a prompt "
+                "file: --model.prompt_weights /path/to/epoch_15.pth, or a trained checkpoint: --ckpt_path "
+                "model.ckpt. To learn prompts, run `anomalib fit` with anomalib_anomalyclip.data.AuxiliaryDataModule."
             )
-        if not self.few_shot_config.k_shot:
-            self._build_few_shot(settings)
-            self._set_probability_scale()
-        self._references = list(stored.get("references", []))
-        self._references_restored = True
+
+    def collect_references(self, required: bool) -> None:
+        """Fill the bank from the references unless it holds them already (this run, or restored from a checkpoint).
+
+        Args:
+            required: fail when there is no source of references and the bank is empty.
+        """
+        if self.model.has_references and (self._references_restored or self.hparams.few_shot_source):
+            return  # restored, or filled this run from the folder (which is not listed and checked again)
+        source = self._reference_source(required and not self.model.has_references)
+        if source is None:
+            return  # e.g. predicting on a folder after fit: a filled bank stays as it is
+        paths = choose_references(source.paths, self.model.k_shot, self.hparams.seed or 0, source.description)
+        if self.model.has_references and paths == self.references:
+            return
+        transform = self.pre_processor.transform if self.pre_processor else None
+        left_out = self.model.remember_references(load_references(paths, source, transform).to(self.device))
+        self.references = paths
+        names = ", ".join(Path(path).name for path in paths)
+        message = "AnomalyCLIP few-shot references (%d from %s): %s; %s."
+        logger.info(message, len(paths), source.description, names, self.model.describe_bank())
+        if left_out is not None and isinstance(self.post_processor, ProbabilityPostProcessor):
+            scores, maps = left_out.pred_score, left_out.anomaly_map
+            self.post_processor.set_normal_thresholds(scores, maps, "references scored leave-one-out")
+
+    def _reference_source(self, required: bool) -> ReferenceSource | None:
+        if self.hparams.few_shot_source:
+            return folder_references(self.hparams.few_shot_source)
+        datamodule = self._datamodule()
+        if getattr(datamodule, "train_data", None) is not None:
+            return datamodule_references(datamodule)
+        if not required:
+            return None
+        raise ValueError(
+            f"k_shot={self.model.k_shot} needs normal reference images, but there is no datamodule with a train "
+            "split. Give a folder of normal images with --model.few_shot_source, or --ckpt_path a checkpoint of a "
+            "few-shot run (it holds the references)."
+        )
+
+    def _prompt_plan(self, fitting: bool, datamodule: object | None) -> PromptPlan:
+        return plan_prompts(
+            self.hparams.prompt_weights,
+            self.hparams.train_prompts,
+            self.model.k_shot,
+            ready=self.prompts_ready,
+            fitting=fitting,
+            datamodule=datamodule,
+        )
+
+    def _load_released_prompts(self, plan: PromptPlan) -> None:
+        released = plan.released
+        logger.info(
+            "AnomalyCLIP uses the released prompts '%s' (trained on %s), because %s; pass --model.prompt_weights "
+            "to choose others.",
+            released.name,
+            released.trained_on,
+            plan.reason,
+        )
+        self.model.load_prompts(resolve_prompt_weights(released.name))
+        self.prompts_ready = True
 
     def _set_probability_scale(self) -> None:
         if isinstance(self.post_processor, ProbabilityPostProcessor):
-            # Fused few-shot maps lie in [0, 1]; zero-shot maps are summed over the feature layers.
-            self.post_processor.set_probability_scale(
-                1.0 if self.few_shot_config.k_shot else len(self.model.feature_layers)
-            )
+            self.post_processor.set_probability_scale(self.model.map_scale)
+
+    def _datamodule(self) -> object | None:
+        return self.trainer.datamodule if getattr(self, "_trainer", None) is not None else None
 
     def _class_names(self, batch: Batch) -> list[str] | None:
-        if self.model.prompt_learner.config.prompt_type is PromptType.OBJECT_AGNOSTIC:
+        if not self.model.uses_class_names:
             return None
-        datamodule = self.trainer.datamodule if getattr(self, "_trainer", None) is not None else None
+        datamodule = self._datamodule()
         if datamodule is not None and hasattr(datamodule, "class_names_for"):
             return datamodule.class_names_for(list(batch.image_path))
         return [self.model.class_name] * batch.image.shape[0]
 
 
-def _masks_and_presence(batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Masks as float (B, H, W) and which images have a real mask (see :func:`has_pixel_mask`)."""
-    if batch.gt_mask is None:
-        return None, has_pixel_mask(batch)
-    masks = batch.gt_mask.float()
-    return (masks.squeeze(1) if masks.dim() == 4 else masks), has_pixel_mask(batch)
-
-
-def training_data_is_normal_only(datamodule: object) -> bool:
-    """Whether the datamodule's train split is known to hold normal images only (anomalib's one-class data)."""
-    samples = getattr(getattr(datamodule, "train_data", None), "samples", None)
-    if samples is None or "label_index" not in getattr(samples, "columns", ()):
-        return False
-    return bool(len(samples)) and not bool((samples["label_index"] == 1).any())
-
-
-def _check_training_data(datamodule: object) -> None:
-    """Stop early when the training split has no anomalous images (nothing to learn from)."""
-    if training_data_is_normal_only(datamodule):
-        name = type(datamodule).__name__
-        raise ValueError(
-            f"The training data of {name} holds only normal images, but AnomalyCLIP learns its prompts from labelled "
-            "normal and anomalous images (with masks where available). Train on an auxiliary labelled set with "
-            "--data anomalib_anomalyclip.data.AuxiliaryDataModule, or evaluate zero-shot with "
-            "--model.prompt_weights anomalyclip-mvtec (or a prompt file)."
-        )
-
-
-expose_in_anomalib(AnomalyCLIP)
+register()  # also when this module is imported first (see _registry)

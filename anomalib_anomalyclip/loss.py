@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import Enum
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+LossName = Literal["glocal", "global", "local"]
 
 
 class LossVariant(str, Enum):

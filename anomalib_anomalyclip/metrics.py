@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from anomalib.metrics import AnomalibMetric
+from anomalib.metrics import AUPR, AUPRO, AUROC, AnomalibMetric, Evaluator, F1Max
 from scipy import ndimage
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-__all__ = ["PaperAUPRO"]
+__all__ = ["PaperAUPRO", "anomalyclip_evaluator"]
 
 CHUNK_IMAGES = 32
 """Images counted at a time (bounds the float64 copies and label arrays of :meth:`_PaperAUPRO.compute`)."""
@@ -175,3 +175,19 @@ def area_under_rescaled_curve(pro: torch.Tensor, fpr: torch.Tensor, fpr_limit: f
         return torch.tensor(torch.nan)
     fpr = (fpr - fpr.min()) / (fpr.max() - fpr.min())
     return torch.trapezoid(pro, fpr).float()
+
+
+def anomalyclip_evaluator() -> Evaluator:
+    """Image AUROC, AP and F1-max; pixel AUROC, AUPRO (anomalib's and the paper's, :class:`PaperAUPRO`) and F1-max."""
+    image_fields = ["pred_score", "gt_label"]
+    pixel_fields = ["anomaly_map", "gt_mask"]
+    test_metrics = [
+        AUROC(fields=image_fields, prefix="image_"),
+        AUPR(fields=image_fields, prefix="image_"),
+        F1Max(fields=image_fields, prefix="image_"),
+        AUROC(fields=pixel_fields, prefix="pixel_", strict=False),
+        AUPRO(fields=pixel_fields, prefix="pixel_", strict=False),
+        PaperAUPRO(fields=pixel_fields, prefix="pixel_", strict=False),
+        F1Max(fields=pixel_fields, prefix="pixel_", strict=False),
+    ]
+    return Evaluator(test_metrics=test_metrics)

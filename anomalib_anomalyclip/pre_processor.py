@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ from anomalib.pre_processing import PreProcessor
 from PIL import Image as PILImage
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize, Transform
+
+from .errors import parse_choice
 
 logger = logging.getLogger(__name__)
 
@@ -47,25 +49,14 @@ MAX_PRECISION = 22.0
 CONFIG_KEY = "anomalyclip_pre_processing"
 
 
+PreprocessingName = Literal["reference", "fast"]
+
+
 class Preprocessing(str, Enum):
     """Pre-processing modes of :class:`~anomalib_anomalyclip.AnomalyCLIP`."""
 
     REFERENCE = "reference"  # the reference's 8-bit PIL resize (images and masks), per image
     FAST = "fast"  # anomalib's float resize (bicubic, antialiased; masks nearest), no rounding
-
-
-def check_preprocessing(value: str) -> Preprocessing:
-    """The mode named ``value``.
-
-    Raises:
-        ValueError: for an unknown name.
-    """
-    try:
-        return Preprocessing(value)
-    except ValueError:
-        names = ", ".join(mode.value for mode in Preprocessing)
-        msg = f"preprocessing must be one of {names}, got {value!r}."
-        raise ValueError(msg) from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -283,3 +274,20 @@ class AnomalyCLIPPreProcessor(PreProcessor):
             logger.info("The checkpoint holds another pre-processor's settings; keeping the reference pre-processing.")
             return
         self._configure(settings["image_size"])
+
+
+def clip_pre_processor(
+    image_size: Sequence[int] = (518, 518), preprocessing: Preprocessing | str = "reference"
+) -> PreProcessor:
+    """The model's pre-processor: resize to ``image_size`` (bicubic) and CLIP's normalisation.
+
+    Args:
+        image_size: (height, width).
+        preprocessing: ``reference`` (:class:`AnomalyCLIPPreProcessor`) or ``fast`` (anomalib's float resize).
+    """
+    if parse_choice(Preprocessing, preprocessing, "preprocessing") is Preprocessing.REFERENCE:
+        return AnomalyCLIPPreProcessor(image_size)
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    resize = Resize(image_size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return PreProcessor(transform=Compose([resize, Normalize(mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)]))

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,9 @@ CHECKPOINT_FORMAT_KEY = "anomalyclip_prompts"
 CHECKPOINT_FORMAT_VERSION = 1
 AGNOSTIC_OBJECT = "object"
 LIGHTNING_PREFIX = "model.prompt_learner."
+
+
+PromptTypeName = Literal["object_agnostic", "object_aware"]
 
 
 class PromptType(str, Enum):

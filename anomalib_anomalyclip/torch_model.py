@@ -18,15 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
 from .backbone import load_clip
-from .dpam import DpamKind, DualPathVisualEncoder, Tap, check_layers
-from .few_shot import FewShotFusion, FewShotScorer
+from .dpam import DpamKind, DualPathVisualEncoder, check_layers
+from .feature_cache import FeatureCache, visual_features
+from .few_shot import FewShotScorer, FewShotSettings
 from .inference_model import AnomalyCLIPInferenceModel, score_features, score_images
 from .prompts import AGNOSTIC_OBJECT, PromptConfig, PromptLearner, PromptTextEncoder, PromptType
 from .scoring import GaussianSmoothing, patch_probability_maps, similarity_logits
@@ -68,9 +69,8 @@ class AnomalyCLIPModel(nn.Module):
         prompt_seed: seed of the prompts' random initialisation (111 as the reference;
             ``None``: torch's global generator).
         cache_dir: open_clip download cache.
-        few_shot_taps: where the few-shot memory bank reads patch tokens; ``None``: no bank
-            (zero-shot). The bank is filled by :meth:`remember_references`.
-        few_shot_fusion: how the few-shot map joins the zero-shot map (see :mod:`.few_shot`).
+        few_shot: settings of the few-shot memory bank (:func:`.few_shot.few_shot_settings`); ``None``
+            or ``k_shot=0``: zero-shot. The bank is filled by :meth:`remember_references`.
     """
 
     def __init__(
@@ -91,8 +91,7 @@ class AnomalyCLIPModel(nn.Module):
         smoothing_sigma: float = 4.0,
         prompt_seed: int | None = 111,
         cache_dir: str | None = None,
-        few_shot_taps: Sequence[Tap] | None = None,
-        few_shot_fusion: FewShotFusion | str = FewShotFusion.MEAN,
+        few_shot: FewShotSettings | None = None,
     ) -> None:
         super().__init__()
         clip = load_clip(backbone, pretrained, cache_dir=cache_dir)
@@ -111,7 +110,10 @@ class AnomalyCLIPModel(nn.Module):
         self.prompt_learner = PromptLearner(config, generator)
         self.text_encoder = PromptTextEncoder(clip, config)
         self.smoothing = GaussianSmoothing(smoothing_sigma)
-        self.few_shot = self.build_few_shot_scorer(few_shot_taps, few_shot_fusion)
+        self.few_shot: FewShotScorer | None = None
+        self.few_shot_settings: FewShotSettings | None = None
+        if few_shot is not None and few_shot.k_shot:
+            self.use_few_shot(few_shot)
         self.register_buffer("text_features", torch.zeros(1, 2, clip.text_projection.shape[1]), persistent=False)
         self._text_features_key: tuple | None = None
         if prompt_weights is not None:
@@ -121,6 +123,87 @@ class AnomalyCLIPModel(nn.Module):
     def feature_layers(self) -> tuple[int, ...]:
         """Visual blocks (1-indexed) whose patch tokens make the anomaly map."""
         return self.visual_encoder.feature_layers
+
+    @property
+    def k_shot(self) -> int:
+        """Number of few-shot references (0: zero-shot)."""
+        return self.few_shot_settings.k_shot if self.few_shot_settings is not None else 0
+
+    @property
+    def has_references(self) -> bool:
+        """Whether the few-shot bank holds references."""
+        return self.few_shot is not None and self.few_shot.active
+
+    @property
+    def map_scale(self) -> float:
+        """Largest value of an anomaly map: 1 with a few-shot bank (fused maps), else the number of feature layers."""
+        return 1.0 if self.k_shot else float(len(self.feature_layers))
+
+    @property
+    def uses_class_names(self) -> bool:
+        """Whether the prompts put an object name into the sentences (object-aware prompts)."""
+        return self.prompt_learner.config.prompt_type is not PromptType.OBJECT_AGNOSTIC
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        """The learnable prompts: the only parameters that training changes."""
+        return list(self.prompt_learner.parameters())
+
+    def load_prompts(self, path: str | Path) -> None:
+        """Load prompts from a prompt file (ours, the reference's, or a Lightning checkpoint of this model)."""
+        self.prompt_learner.load_checkpoint(path)
+
+    def load_prompt_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load prompt tensors (``ctx_pos``, ...) read from ``source`` (named in errors)."""
+        self.prompt_learner.load_prompt_state(state, source=source)
+
+    def use_few_shot(self, settings: FewShotSettings) -> None:
+        """Give the model an empty few-shot bank with ``settings`` (its layers must exist in the backbone)."""
+        check_layers(settings.layers, self.visual_encoder.depth, "few_shot_layers")
+        self.few_shot = FewShotScorer(settings.taps, settings.fusion, self.visual_encoder.output_dim).to(
+            self.text_features.device
+        )
+        self.few_shot_settings = settings
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint records of the model's configuration (see :mod:`.checkpoints`)."""
+        info: dict[str, Any] = {
+            "feature_layers": list(self.feature_layers),
+            "dpam_kind": self.visual_encoder.dpam_kind.value,
+            "image_size": self.image_size,
+        }
+        if self.few_shot_settings is not None:
+            settings = self.few_shot_settings
+            info["few_shot"] = {
+                "k_shot": settings.k_shot,
+                "layers": list(settings.layers),
+                "tokens": settings.tokens.value,
+                "fusion": settings.fusion.value,
+            }
+        return info
+
+    def describe_bank(self) -> str:
+        """Shape and size of the few-shot bank, for the log."""
+        if self.few_shot is None:
+            return "no few-shot bank"
+        shape = "x".join(str(size) for size in self.few_shot.memory.shape)
+        return f"memory bank {shape}, {self.few_shot.memory_bytes / 1e6:.1f} MB"
+
+    def visual_features(
+        self,
+        images: torch.Tensor,
+        paths: Sequence[str] | None = None,
+        cache: FeatureCache | None = None,
+        record: bool = True,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Global embeddings and feature-layer patch tokens of ``images``, from ``cache`` where it holds them.
+
+        Args:
+            images: (B, 3, H, W) CLIP-normalised images.
+            paths: the images' files (the cache's keys); ``None``: no cache.
+            cache: a feature cache of this model's encoder (see :mod:`.feature_cache`), or ``None``.
+            record: store computed features in the cache (training) or only read it (validation).
+        """
+        return visual_features(self.visual_encoder, images, paths, cache, record=record)
 
     def encode_text(self, class_names: Sequence[str] | None = None) -> torch.Tensor:
         """Normalised text features (C, 2, D) of the current prompts, with gradients.
@@ -203,7 +286,7 @@ class AnomalyCLIPModel(nn.Module):
             ``None`` with a single reference.
         """
         if self.few_shot is None:
-            raise RuntimeError("This model has no few-shot bank; build it with few_shot_taps.")
+            raise RuntimeError("This model has no few-shot bank; give it one with use_few_shot().")
         taps = self.visual_encoder.feature_taps + self.few_shot.taps
         with torch.no_grad():
             encoded = [self.visual_encoder(chunk, taps) for chunk in images.split(batch_size)]
@@ -248,13 +331,6 @@ class AnomalyCLIPModel(nn.Module):
             anomaly_map=torch.cat([output.anomaly_map for output in outputs]),
         )
 
-    def build_few_shot_scorer(self, taps: Sequence[Tap] | None, fusion: FewShotFusion | str) -> FewShotScorer | None:
-        """An empty memory bank reading ``taps`` of this model's visual encoder (``None`` for no taps)."""
-        if taps is None:
-            return None
-        check_layers([layer for layer, _ in taps], self.visual_encoder.depth, "few_shot_layers")
-        return FewShotScorer(taps, fusion, self.visual_encoder.output_dim)
-
     def training_outputs(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> TrainingOutput:
         """Image logits and per-layer probability maps, differentiable w.r.t. the prompts."""
         with torch.no_grad():
@@ -284,7 +360,7 @@ class AnomalyCLIPModel(nn.Module):
         return TrainingOutput(image_logits=logits, layer_probabilities=maps)
 
     def _training_text_features(self, class_names: Sequence[str] | None, batch_size: int) -> torch.Tensor:
-        if self.prompt_learner.config.prompt_type is PromptType.OBJECT_AGNOSTIC or not class_names:
+        if not self.uses_class_names or not class_names:
             return self.encode_text()
         unique = sorted(set(class_names))
         features = self.encode_text(unique)

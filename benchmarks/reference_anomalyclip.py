@@ -51,9 +51,9 @@ def load_reference(
     _import_path(repo)
     from AnomalyCLIP_lib.build_model import build_model
     from AnomalyCLIP_lib.model_load import compute_similarity, get_similarity_map
+    from open_clip.constants import OPENAI_DATASET_MEAN as CLIP_MEAN
+    from open_clip.constants import OPENAI_DATASET_STD as CLIP_STD
     from prompt_ensemble import AnomalyCLIP_PromptLearner
-
-    from anomalib_anomalyclip.lightning_model import CLIP_MEAN, CLIP_STD
 
     model = build_model("ViT-L/14@336px", dict(clip_state_dict), DESIGN).eval()
     learner = AnomalyCLIP_PromptLearner(model, DESIGN)

@@ -7,8 +7,8 @@ tiny import hook, so that unrelated programs pay nothing measurable:
 
 * when ``anomalib.models`` finishes importing (anomalib's CLI, its tools such as
   ``tools/inference/lightning_inference.py``, ``get_model``, user code), ``anomalib_anomalyclip``
-  is imported and registered, so that every place where anomalib resolves a model name
-  sees the class before it looks.
+  is imported and registered (``anomalib_anomalyclip._registry.register``), so that every place
+  where anomalib resolves a model name sees the class before it looks.
 
 Only ``sys`` is imported and annotations are strings: ``typing`` would cost ~10 ms,
 ``importlib.abc`` ~25 ms and even ``__future__`` plus ``importlib.machinery`` ~0.8 ms at
@@ -28,7 +28,9 @@ PACKAGE = "anomalib_anomalyclip"
 
 
 def _register() -> None:
-    __import__(PACKAGE).register()
+    registry = f"{PACKAGE}._registry"
+    __import__(registry)
+    sys.modules[registry].register()
 
 
 TRIGGERS = {"anomalib.models": _register}
