@@ -82,7 +82,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .dpam import DualPathVisualEncoder
+from ..dpam import DualPathVisualEncoder
 
 logger = logging.getLogger(__name__)
 
