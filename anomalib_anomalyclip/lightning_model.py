@@ -61,13 +61,7 @@ from .data.references import ReferenceSource, datamodule_references, folder_refe
 from .dpam import DpamKind, TokenPath
 from .errors import explain_setup_errors
 from .export import EXPORT_OPSET, check_openvino_export, inference_model_in_place
-from .feature_cache import (
-    FeatureCache,
-    check_storage_dtype,
-    training_feature_cache,
-    validation_feature_cache,
-    visual_features,
-)
+from .feature_cache import FeatureCache, FeatureCacheCallback, check_storage_dtype, visual_features
 from .few_shot import FewShotFusion, FewShotSettings, choose_references, few_shot_settings
 from .loss import GlocalLoss, LossVariant
 from .metrics import PaperAUPRO
@@ -237,8 +231,9 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
             prompt_weights is None if train_prompts is None else train_prompts
         )
         self.prompts_ready = weights_file is not None
-        self._feature_cache: FeatureCache | None = None
-        self._validation_cache: FeatureCache | None = None
+        # Set by FeatureCacheCallback (see configure_callbacks); None: no cache.
+        self.train_features: FeatureCache | None = None
+        self.val_features: FeatureCache | None = None
         self._references: list[str] = []
         self._references_restored = False
         self._set_probability_scale()
@@ -312,8 +307,8 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
         return (DpamKind, PromptType, LossVariant)
 
     def configure_callbacks(self) -> list[Callback]:
-        """The components' callbacks, then the input check and the predictions CSV (see :mod:`.callbacks`)."""
-        return [*super().configure_callbacks(), *model_callbacks()]
+        """The components' callbacks, the input check, the predictions CSV (:mod:`.callbacks`) and the feature cache."""
+        return [*super().configure_callbacks(), *model_callbacks(), FeatureCacheCallback()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """Adam over the prompt parameters only (about 43 K numbers for ViT-L/14@336)."""
@@ -358,30 +353,13 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
             _check_training_data(self.trainer.datamodule)
             self.prompts_ready = True
 
-    def on_train_start(self) -> None:
-        """Open the feature cache of the training images (unless switched off)."""
-        if self.learns_prompts and self.hparams.feature_cache:
-            self._feature_cache = training_feature_cache(
-                self.trainer, self, self.hparams.feature_cache_dir, self.hparams.feature_cache_dtype
-            )
-
-    def on_train_epoch_start(self) -> None:
-        """Share and log the feature cache's fill and reuse of the previous epoch (see ``FeatureCache.begin_epoch``)."""
-        if self._feature_cache is not None:
-            self._feature_cache.begin_epoch()
-
     def on_train_end(self) -> None:
-        """Release the feature cache. From now on the prompts are fixed: further runs are zero-shot."""
-        if self._feature_cache is not None:
-            self._feature_cache.close()
-            self._feature_cache = None
-        self._validation_cache = None
+        """From now on the prompts are fixed: further runs are zero-shot."""
         self.learns_prompts = False
 
     def on_validation_start(self) -> None:
-        """Make ready to score (prompts, references); serve fit's validation from the training feature cache."""
+        """Make ready to score (prompts, references)."""
         self._prepare_scoring()
-        self._validation_cache = validation_feature_cache(self.trainer, self, self._feature_cache)
 
     def on_validation_end(self) -> None:
         """Save a checkpoint (prompts, references, thresholds) after a few-shot model's validation-only fit."""
@@ -451,7 +429,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
         if not self.learns_prompts:
             return None
         paths = getattr(batch, "image_path", None)
-        features = visual_features(self.model.visual_encoder, batch.image, paths, self._feature_cache)
+        features = visual_features(self.model.visual_encoder, batch.image, paths, self.train_features)
         outputs = self.model.outputs_from_features(*features, batch.image.shape[-2:], self._class_names(batch))
         masks, has_mask = _masks_and_presence(batch)
         terms = self.loss(outputs.image_logits, batch.gt_label, outputs.layer_probabilities, masks, has_mask)
@@ -477,7 +455,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, AnomalibModule):
             return batch.update(**self.model(batch.image)._asdict())
         paths = getattr(batch, "image_path", None)
         encoder = self.model.visual_encoder
-        features = visual_features(encoder, batch.image, paths, self._validation_cache, record=False)
+        features = visual_features(encoder, batch.image, paths, self.val_features, record=False)
         predictions = self.model.scores_from_features(*features, batch.image.shape[-2:])
         return batch.update(**predictions._asdict())
 

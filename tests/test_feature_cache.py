@@ -134,7 +134,7 @@ def test_cached_training_learns_the_prompts_of_uncached_training(
     stats = _epoch_stats(caplog)
     assert [(entry.hits, entry.misses) for entry in stats] == [(0, 12), (12, 0), (12, 0)]
     assert "12 images x" in caplog.text and "in memory" in caplog.text
-    assert cached._feature_cache is None  # released at the end of training
+    assert cached.train_features is None  # released at the end of training
 
 
 def _fit_counting(tiny_clip_path: Path, data_root: Path, root_dir: Path, **kwargs) -> tuple[AnomalyCLIP, int]:
