@@ -24,6 +24,7 @@ from .key import cache_key, input_key, weights_digest
 from .layout import STORAGE_DTYPES, FeatureLayout, check_storage_dtype
 from .lightning import (
     FeatureCacheCallback,
+    PromptTrainingModule,
     cache_location,
     training_feature_cache,
     validation_feature_cache,
@@ -42,6 +43,7 @@ __all__ = [
     "FeatureCache",
     "FeatureCacheCallback",
     "FeatureLayout",
+    "PromptTrainingModule",
     "RankSync",
     "cache_key",
     "cache_location",
