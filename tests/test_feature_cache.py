@@ -24,8 +24,8 @@ from anomalib_anomalyclip.feature_cache import (
     FeatureCache,
     FeatureLayout,
     RankSync,
-    _location,
     cache_key,
+    cache_location,
     nondeterministic_transforms,
     open_feature_cache,
     training_feature_cache,
@@ -134,7 +134,7 @@ def test_cached_training_learns_the_prompts_of_uncached_training(
     stats = _epoch_stats(caplog)
     assert [(entry.hits, entry.misses) for entry in stats] == [(0, 12), (12, 0), (12, 0)]
     assert "12 images x" in caplog.text and "in memory" in caplog.text
-    assert cached._feature_cache is None  # released at the end of training
+    assert cached.train_features is None  # released at the end of training
 
 
 def _fit_counting(tiny_clip_path: Path, data_root: Path, root_dir: Path, **kwargs) -> tuple[AnomalyCLIP, int]:
@@ -337,11 +337,11 @@ def test_storage_follows_the_process_layout(tmp_path: Path) -> None:
             default_root_dir=str(tmp_path), world_size=world_size, num_nodes=num_nodes, global_rank=rank
         )
 
-    assert _location(trainer(), None, 1000)[0] is None  # small: in memory
-    assert _location(trainer(), None, 1 << 60) == (tmp_path / "feature_cache", RankSync(), True)
-    assert _location(trainer(), tmp_path / "mine", 1000) == (tmp_path / "mine", RankSync(), False)
+    assert cache_location(trainer(), None, 1000)[0] is None  # small: in memory
+    assert cache_location(trainer(), None, 1 << 60) == (tmp_path / "feature_cache", RankSync(), True)
+    assert cache_location(trainer(), tmp_path / "mine", 1000) == (tmp_path / "mine", RankSync(), False)
     # Without a process group to share one file (here: torch.distributed is not initialised), one cache per rank.
-    folder, sync, temporary = _location(trainer(world_size=4, num_nodes=2, rank=3), None, 1000)
+    folder, sync, temporary = cache_location(trainer(world_size=4, num_nodes=2, rank=3), None, 1000)
     assert (folder, sync.world_size, temporary) == (tmp_path / "feature_cache" / "rank3", 1, True)
 
 

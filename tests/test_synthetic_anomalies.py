@@ -12,7 +12,7 @@ from PIL import Image
 from anomalib_anomalyclip.data.auxiliary import AuxiliaryDataModule
 from anomalib_anomalyclip.data.images import read_image, read_mask
 from anomalib_anomalyclip.data.synthetic_anomalies import PREVIEW_NAME, SYNTHETIC_LABEL
-from anomalib_anomalyclip.feature_cache import _cacheable_inputs
+from anomalib_anomalyclip.feature_cache import cacheable_inputs
 from anomalib_anomalyclip.lightning_model import AnomalyCLIP
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
@@ -67,10 +67,10 @@ def test_regenerated_anomalies_are_new_at_every_load_and_switch_the_feature_cach
     first, second = dataset[index], dataset[index]
     assert first.gt_label == 1 and first.gt_mask.any() and second.gt_mask.any()
     assert not torch.equal(first.image, second.image)
-    assert "PerlinAnomalyGenerator" in _cacheable_inputs(dataset, None)[2]
-    assert _cacheable_inputs(datamodule.val_data, None)[2] == ""  # validation keeps the fixed set
+    assert "PerlinAnomalyGenerator" in cacheable_inputs(dataset, None)[2]
+    assert cacheable_inputs(datamodule.val_data, None)[2] == ""  # validation keeps the fixed set
     fixed = _datamodule({**source, "regenerate": False}).train_data
-    assert _cacheable_inputs(fixed, None)[2] == "" and torch.equal(fixed[index].image, fixed[index].image)
+    assert cacheable_inputs(fixed, None)[2] == "" and torch.equal(fixed[index].image, fixed[index].image)
 
 
 def test_synthetic_sources_combine_with_real_labelled_sources(data: Path, tmp_path: Path) -> None:
