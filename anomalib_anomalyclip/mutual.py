@@ -1,0 +1,327 @@
+r"""Mutual scoring (MuSc, Li et al., ICLR 2024): a pool of unlabelled images scored against each other.
+
+No prompt, no reference: most patches of most images in a pool of the same product are normal, so a
+patch that has no close match in the other images is anomalous. For visual block ``b`` the pool's
+``N`` images give patch tokens ``x_{b,i}`` of shape (L, C) on an ``H x W`` grid (``L = H W``).
+
+LNAMD (local neighbourhood aggregation), per block, image and radius ``r`` (odd):
+
+.. code-block:: text
+
+    y_i       = (x_i - mean(x_i)) / sqrt(var(x_i) + 1e-5)       one LayerNorm over all C x H x W values
+    z_{i,p}   = sum_{q in r x r square around p} y_{i,q} / r^2   zero padding at the border
+    t_{i,p}   = z_{i,p} / ||z_{i,p}||_2
+
+(The LayerNorm's per-image scale, its ``eps`` and the ``1 / r^2`` cancel in the last step; only the
+mean subtraction and the neighbourhood sums change ``t``.)
+
+MSM (mutual scoring), per block and radius, with ``k = int((N - 1) * fraction)``:
+
+.. code-block:: text
+
+    a_i(p, j) = min_q ||t_{i,p} - t_{j,q}||_2                    nearest token of image j != i
+    m_i(p)    = mean of the k smallest a_i(p, j) over j != i
+    M_i       = mean over blocks and radii of m_i                 (H, W) patch scores
+
+Maps and image scores: ``A_i = bilinear(M_i)`` to the image size (``align_corners=True``) and
+``s_i = max A_i``. RsCIN (re-scoring with constrained image-level neighbourhood), with the images'
+L2-normalised class embeddings ``c_i`` and a list of ``k``:
+
+.. code-block:: text
+
+    s'        = (s - min s) / (max s - min s)
+    W         = c c^T,  W_k = W with each row's k largest entries kept (self included), the rest 0
+    P_k       = W_k with rows scaled to sum 1
+    final     = mean_k P_k s'
+
+A pool of more than ``pool_size`` images is split into subsets (a seeded permutation, then balanced
+consecutive chunks), each scored on its own; RsCIN then runs over the whole pool, as in MuSc.
+``k >= 1`` needs ``N >= min_pool`` images in every subset (5 at ``fraction = 0.3``).
+
+Cost, per block and radius: ``N (N - 1) / 2`` products of two (L, C) token sets (each pair's
+squared-distance matrix serves both directions), run as chunked matrix products
+``||x||^2 + ||y||^2 - 2 x.y`` in float32; the table of nearest distances is (N, N, L).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_TOKENS = 8192  # reference tokens per matrix product (whole images, at least one): bounds L x CHUNK_TOKENS
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, as in MuSc
+
+
+def neighbours_kept(pool: int, fraction: float) -> int:
+    """Number ``int((pool - 1) * fraction)`` of nearest other images whose distances are averaged."""
+    return int((pool - 1) * fraction)
+
+
+def minimum_pool(fraction: float) -> int:
+    """Smallest pool for which at least one other image is kept at ``fraction``."""
+    others = max(1, math.ceil(1 / fraction))
+    while neighbours_kept(others + 1, fraction) < 1:  # float rounding of 1 / fraction
+        others += 1
+    while others > 1 and neighbours_kept(others, fraction) >= 1:
+        others -= 1
+    return others + 1
+
+
+def check_pool(pool: int, fraction: float) -> None:
+    """Raise ``ValueError`` when a pool of ``pool`` images is too small for ``fraction``."""
+    minimum = minimum_pool(fraction)
+    if pool < minimum:
+        raise ValueError(
+            f"Mutual scoring needs a pool of at least {minimum} images at fraction={fraction} "
+            f"(int((N - 1) * fraction) must be at least 1), got a pool of {pool}."
+        )
+
+
+def check_radii(radii: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless ``radii`` is a non-empty sequence of odd positive integers."""
+    if len(radii) == 0:
+        raise ValueError("Mutual scoring needs at least one LNAMD radius, got none.")
+    for radius in radii:
+        if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1 or radius % 2 == 0:
+            raise ValueError(f"LNAMD radii must be odd positive integers (1, 3, 5, ...), got {radius!r}.")
+
+
+@dataclass(frozen=True)
+class MutualScoringConfig:
+    """Settings of mutual scoring, checked.
+
+    Attributes:
+        blocks: visual blocks whose patch tokens are scored (one token tensor per block).
+        radii: LNAMD neighbourhood sizes, odd.
+        fraction: share of the other images whose nearest distances are averaged, in (0, 1].
+        pool_size: largest subset scored at once; larger pools are split.
+        rscin_k: RsCIN neighbourhood sizes (MuSc: 1, 2, 3 for MVTec AD; 1, 8, 9 for VisA); None or
+            empty: image scores are the maps' maxima.
+        seed: seed of the split into subsets.
+    """
+
+    blocks: tuple[int, ...] = (6, 12, 18, 24)
+    radii: tuple[int, ...] = (1, 3, 5)
+    fraction: float = 0.3
+    pool_size: int = 200
+    rscin_k: tuple[int, ...] | None = (1, 2, 3)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.blocks) == 0:
+            raise ValueError("Mutual scoring needs at least one visual block, got blocks=().")
+        check_radii(self.radii)
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must lie in (0, 1], got {self.fraction}.")
+        if self.pool_size < self.min_pool:
+            raise ValueError(
+                f"pool_size={self.pool_size} is below the smallest pool mutual scoring works with: "
+                f"{self.min_pool} images at fraction={self.fraction}."
+            )
+        if self.rscin_k is not None and any(k < 1 for k in self.rscin_k):
+            raise ValueError(f"RsCIN neighbourhood sizes must be positive, got rscin_k={self.rscin_k}.")
+
+    @property
+    def min_pool(self) -> int:
+        """Smallest pool (and subset) that can be scored: ``int((N - 1) * fraction) >= 1``."""
+        return minimum_pool(self.fraction)
+
+
+def lnamd(tokens: torch.Tensor, grid: tuple[int, int], radius: int) -> torch.Tensor:
+    """LNAMD features: per-image LayerNorm, mean over the ``radius x radius`` neighbourhood, L2 norm.
+
+    Args:
+        tokens: (N, L, C) patch tokens of one block, any float dtype.
+        grid: (H, W) token grid, ``H * W = L``.
+        radius: odd neighbourhood size.
+
+    Returns:
+        (N, L, C) float32 unit-length tokens.
+    """
+    check_radii((radius,))
+    count, length, channels = tokens.shape
+    _check_grid(length, grid)
+    maps = tokens.float().transpose(1, 2).reshape(count, channels, *grid)
+    maps = F.layer_norm(maps, maps.shape[1:], eps=LAYER_NORM_EPS)
+    if radius > 1:
+        maps = F.avg_pool2d(maps, radius, stride=1, padding=radius // 2, count_include_pad=True)
+    return F.normalize(maps.flatten(2).transpose(1, 2), dim=-1)
+
+
+def nearest_token_distances(features: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Distance of each token to its nearest token in each other image.
+
+    Args:
+        features: (N, L, C) float32 tokens.
+        chunk_tokens: reference tokens per matrix product (whole images, at least one).
+
+    Returns:
+        (N, N, L) table ``a[i, j, p] = min_q ||features[i, p] - features[j, q]||``, ``inf`` where ``i == j``.
+    """
+    count, length, _ = features.shape
+    squared_norms = features.pow(2).sum(-1)
+    nearest_squared = features.new_full((count, count, length), float("inf"))
+    images_per_chunk = max(1, chunk_tokens // length)
+    for query in range(count - 1):
+        for start in range(query + 1, count, images_per_chunk):
+            stop = min(start + images_per_chunk, count)
+            squared = _squared_distances(
+                features[query], squared_norms[query], features[start:stop].flatten(0, 1), squared_norms[start:stop]
+            ).view(length, stop - start, length)
+            nearest_squared[query, start:stop] = squared.amin(dim=2).transpose(0, 1)
+            nearest_squared[start:stop, query] = squared.amin(dim=0)
+    return nearest_squared.clamp_min(0).sqrt()
+
+
+def _squared_distances(
+    queries: torch.Tensor, query_norms: torch.Tensor, references: torch.Tensor, reference_norms: torch.Tensor
+) -> torch.Tensor:
+    """(Lq, Lr) matrix ``||x||^2 + ||y||^2 - 2 x.y`` from one matrix product."""
+    products = torch.addmm(reference_norms.reshape(1, -1), queries, references.transpose(0, 1), alpha=-2)
+    return products.add_(query_norms.unsqueeze(1))
+
+
+def mutual_scores(features: torch.Tensor, fraction: float, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """MSM patch scores (N, L): mean of the ``int((N - 1) * fraction)`` smallest nearest distances."""
+    check_pool(features.shape[0], fraction)
+    nearest = nearest_token_distances(features, chunk_tokens)
+    kept = neighbours_kept(features.shape[0], fraction)
+    return nearest.topk(kept, dim=1, largest=False).values.mean(dim=1)
+
+
+def mutual_patch_scores(
+    tokens_per_block: Sequence[torch.Tensor],
+    grid: tuple[int, int],
+    config: MutualScoringConfig,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> torch.Tensor:
+    """Patch scores (N, H, W) of one pool: LNAMD + MSM, mean over blocks and radii (no split).
+
+    Args:
+        tokens_per_block: one (N, L, C) tensor per block of ``config.blocks``, in that order.
+        grid: (H, W) token grid.
+        config: mutual scoring settings.
+        chunk_tokens: reference tokens per matrix product.
+    """
+    count = _check_tokens(tokens_per_block, grid, config)
+    check_pool(count, config.fraction)
+    total = tokens_per_block[0].new_zeros(count, grid[0] * grid[1], dtype=torch.float32)
+    for tokens in tokens_per_block:
+        tokens = tokens.float()
+        for radius in config.radii:
+            total += mutual_scores(lnamd(tokens, grid, radius), config.fraction, chunk_tokens)
+    return (total / (len(tokens_per_block) * len(config.radii))).view(count, *grid)
+
+
+def upsample_maps(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Anomaly maps (N, 1, *size): patch scores (N, H, W) up-sampled bilinearly, corners aligned."""
+    return F.interpolate(scores.unsqueeze(1), size=size, mode="bilinear", align_corners=True)
+
+
+def rscin(scores: torch.Tensor, class_embeddings: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """RsCIN image scores (N,): min-max normalised scores averaged over class-embedding neighbours.
+
+    Args:
+        scores: (N,) image scores of the pool.
+        class_embeddings: (N, D) class embeddings of the same images (normalised here).
+        ks: neighbourhood sizes; each row keeps its ``min(k, N)`` most similar images, itself included.
+
+    Returns:
+        (N,) scores in [0, 1]; all zero when every input score is the same.
+    """
+    if class_embeddings.shape[0] != scores.shape[0]:
+        raise ValueError(f"RsCIN got {class_embeddings.shape[0]} class embeddings for {scores.shape[0]} image scores.")
+    if len(ks) == 0:
+        raise ValueError("RsCIN needs at least one neighbourhood size k.")
+    scores = scores.float()
+    spread = scores.max() - scores.min()
+    normalised = (scores - scores.min()) / spread if spread > 0 else torch.zeros_like(scores)
+    embeddings = F.normalize(class_embeddings.to(scores.device, torch.float32), dim=-1)
+    similarity = embeddings @ embeddings.transpose(0, 1)
+    return torch.stack([_neighbour_weights(similarity, k) @ normalised for k in ks]).mean(dim=0)
+
+
+def _neighbour_weights(similarity: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows of ``similarity`` with their ``k`` largest entries kept, the rest 0, scaled to sum 1."""
+    values, indices = similarity.topk(min(k, similarity.shape[1]), dim=1)
+    weights = torch.zeros_like(similarity).scatter_(1, indices, values)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def split_pool(count: int, pool_size: int, seed: int, minimum: int) -> list[torch.Tensor]:
+    """Subsets of ``range(count)`` scored on their own, reproducibly.
+
+    Items are indexed in a fixed order (the caller's: sorted paths). A pool of at most ``pool_size``
+    stays whole; a larger one is permuted with ``seed`` and cut into ``ceil(count / pool_size)``
+    consecutive chunks whose sizes differ by at most one, fewer where that would leave a chunk below
+    ``minimum`` (then a chunk may exceed ``pool_size``).
+
+    Returns:
+        Sorted (CPU, int64) index tensors that partition ``range(count)``.
+    """
+    if count < minimum:
+        raise ValueError(f"Mutual scoring needs a pool of at least {minimum} images, got a pool of {count}.")
+    if count <= pool_size:
+        return [torch.arange(count)]
+    chunks = min(math.ceil(count / pool_size), count // minimum)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return [chunk.sort().values for chunk in order.tensor_split(chunks)]
+
+
+def score_pool(
+    tokens_per_block: Sequence[torch.Tensor],
+    grid: tuple[int, int],
+    image_size: tuple[int, int],
+    config: MutualScoringConfig,
+    class_embeddings: torch.Tensor | None = None,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mutual scoring of a pool: subsets, LNAMD, MSM, maps, then RsCIN over the whole pool.
+
+    Args:
+        tokens_per_block: one (N, L, C) tensor per block of ``config.blocks``, images in a fixed order.
+        grid: (H, W) token grid, ``H * W = L``.
+        image_size: (H_img, W_img) size of the maps.
+        config: mutual scoring settings.
+        class_embeddings: (N, D) class embeddings for RsCIN; None: no RsCIN.
+        chunk_tokens: reference tokens per matrix product.
+
+    Returns:
+        Image scores (N,) and anomaly maps (N, 1, H_img, W_img), float32 on the tokens' device.
+    """
+    count = _check_tokens(tokens_per_block, grid, config)
+    check_pool(count, config.fraction)
+    patch_scores = tokens_per_block[0].new_empty(count, *grid, dtype=torch.float32)
+    for subset in split_pool(count, config.pool_size, config.seed, config.min_pool):
+        subset = subset.to(patch_scores.device)
+        subset_tokens = [tokens[subset] for tokens in tokens_per_block]
+        patch_scores[subset] = mutual_patch_scores(subset_tokens, grid, config, chunk_tokens)
+    maps = upsample_maps(patch_scores, image_size)
+    scores = maps.flatten(1).amax(dim=1)
+    if config.rscin_k and class_embeddings is not None:
+        scores = rscin(scores, class_embeddings, config.rscin_k)
+    return scores, maps
+
+
+def _check_grid(length: int, grid: tuple[int, int]) -> None:
+    if grid[0] * grid[1] != length:
+        raise ValueError(f"A {grid[0]} x {grid[1]} token grid holds {grid[0] * grid[1]} tokens, got {length}.")
+
+
+def _check_tokens(tokens_per_block: Sequence[torch.Tensor], grid: tuple[int, int], config: MutualScoringConfig) -> int:
+    """Number of images after checking one (N, L, C) tensor per configured block."""
+    if len(tokens_per_block) != len(config.blocks):
+        raise ValueError(
+            f"Got patch tokens of {len(tokens_per_block)} block(s) for the {len(config.blocks)} configured "
+            f"blocks {config.blocks}."
+        )
+    shapes = {tuple(tokens.shape[:2]) for tokens in tokens_per_block}
+    if len(shapes) != 1 or any(tokens.dim() != 3 for tokens in tokens_per_block):
+        raise ValueError(f"Patch tokens must be (N, L, C) with the same N and L in every block, got shapes {shapes}.")
+    count, length = shapes.pop()
+    _check_grid(length, grid)
+    return count
