@@ -43,6 +43,7 @@ class TokenPath(str, Enum):
 
     DPAM = "dpam"  # the DPAM stream (the ordinary stream in blocks without the dual path)
     ORIGINAL = "original"  # the ordinary CLIP stream
+    RESIDUAL = "residual"  # the ordinary stream's raw tokens: no ln_post, no projection (mutual scoring's tokens)
 
 
 class Tap(NamedTuple):
@@ -111,25 +112,28 @@ class DualPathVisualEncoder(nn.Module):
         return tuple(Tap(layer, TokenPath.DPAM) for layer in self.feature_layers)
 
     def forward(
-        self, images: torch.Tensor, taps: Sequence[Tap] | None = None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self, images: torch.Tensor, taps: Sequence[Tap] | None = None, class_embedding: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Encode a normalised image batch.
 
         Args:
             images: (B, 3, H, W) images, CLIP-normalised.
-            taps: where to read projected patch tokens (a tap may appear more than once);
-                ``None``: :attr:`feature_taps`, the tokens of the zero-shot maps.
+            taps: where to read patch tokens (a tap may appear more than once); ``None``:
+                :attr:`feature_taps`, the tokens of the zero-shot maps.
+            class_embedding: also return CLIP's own image embedding, ``ln_post(CLS) @ proj``.
 
         Returns:
-            The global embedding (B, D) and, per tap in the given order, the projected
-            patch tokens (B, N, D) without the CLS token, N = rows * columns of the patch grid.
+            The global embedding (B, D) and, per tap in the given order, the patch tokens
+            (B, N, D) without the CLS token, N = rows * columns of the patch grid: projected,
+            except for the ``residual`` path (B, N, width). With ``class_embedding``, a third
+            item: CLIP's image embedding (B, D).
         """
         taps = self.feature_taps if taps is None else taps
         taps = [Tap(int(layer), TokenPath(path)) for layer, path in taps]
         check_layers([tap.layer for tap in taps], self.depth, "tapped layers")
         dpam_layers = [tap.layer for tap in taps if tap.path is TokenPath.DPAM or not self._dual(tap.layer)]
         last_dpam_tap = max(dpam_layers, default=0)
-        ordinary_in_last = Tap(self.depth, TokenPath.ORIGINAL) in taps or (
+        ordinary_in_last = any(tap.layer == self.depth and tap.path is not TokenPath.DPAM for tap in taps) or (
             self.depth in dpam_layers and not self._dual(self.depth)
         )
         x = self._embed(images)
@@ -140,15 +144,18 @@ class DualPathVisualEncoder(nn.Module):
             if self._dual(index):
                 x_dpam = x if x_dpam is None else x_dpam
                 x, x_dpam = self._dual_block(block, x, x_dpam, keep_dpam=index <= last_dpam_tap, cls_only=cls_only)
-                streams = {TokenPath.DPAM: x_dpam, TokenPath.ORIGINAL: x}
+                streams = {TokenPath.DPAM: x_dpam, TokenPath.ORIGINAL: x, TokenPath.RESIDUAL: x}
             else:
                 x = self._plain_block(block, x, cls_only=cls_only)
-                streams = {TokenPath.DPAM: x, TokenPath.ORIGINAL: x}
+                streams = {TokenPath.DPAM: x, TokenPath.ORIGINAL: x, TokenPath.RESIDUAL: x}
             for tap in taps:
                 if tap.layer == index and tap not in read:
-                    read[tap] = self._project(self.visual.ln_post(streams[tap.path][:, 1:]))
+                    tokens = streams[tap.path][:, 1:]
+                    read[tap] = tokens if tap.path is TokenPath.RESIDUAL else self._project(self.visual.ln_post(tokens))
         # The released code projects the CLS token without ln_post; the prompts were trained so.
         global_embedding = self._project(x[:, 0])
+        if class_embedding:
+            return global_embedding, [read[tap] for tap in taps], self._project(self.visual.ln_post(x[:, 0]))
         return global_embedding, [read[tap] for tap in taps]
 
     def _dual(self, index: int) -> bool:

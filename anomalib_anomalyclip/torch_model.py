@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from anomalib.data import InferenceBatch
@@ -26,11 +26,13 @@ from torch import nn
 
 from .backbone import load_clip
 from .dpam import DpamKind, DualPathVisualEncoder, check_layers
-from .feature_cache import FeatureCache, visual_features
 from .few_shot import FewShotScorer, FewShotSettings
 from .inference_model import AnomalyCLIPInferenceModel, score_features, score_images
 from .prompts import AGNOSTIC_OBJECT, PromptConfig, PromptLearner, PromptTextEncoder, PromptType
 from .scoring import GaussianSmoothing, patch_probability_maps, similarity_logits
+
+if TYPE_CHECKING:
+    from .feature_cache.store import FeatureCache
 
 
 class TrainingOutput(NamedTuple):
@@ -203,7 +205,10 @@ class AnomalyCLIPModel(nn.Module):
             cache: a feature cache of this model's encoder (see :mod:`.feature_cache`), or ``None``.
             record: store computed features in the cache (training) or only read it (validation).
         """
-        return visual_features(self.visual_encoder, images, paths, cache, record=record)
+        if cache is None or paths is None:
+            with torch.no_grad():
+                return self.visual_encoder(images)
+        return cache.features(images, paths, self.visual_encoder, record=record)
 
     def encode_text(self, class_names: Sequence[str] | None = None) -> torch.Tensor:
         """Normalised text features (C, 2, D) of the current prompts, with gradients.

@@ -321,7 +321,7 @@ def test_few_shot_exports_carry_the_bank_and_match_eager(
         few_shot_source=str(references),
         **MODEL_ARGS,
     ).eval()
-    model._ensure_references(required=True)
+    model.collect_references(required=True)
     bank_rows = 4 * (IMAGE_SIZE // 14) ** 2
     assert model.model.few_shot.memory.shape[1] == bank_rows
     with torch.inference_mode():

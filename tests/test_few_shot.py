@@ -101,7 +101,7 @@ def test_references_of_any_size_and_colour_mode_fill_the_bank_and_thresholds(
 ) -> None:
     model = _few_shot_model(tiny_clip_path, tiny_prompt_path, k_shot=4, few_shot_source=str(mixed_references))
     assert model.learning_type is LearningType.FEW_SHOT
-    model._ensure_references(required=True)
+    model.collect_references(required=True)
     grid_tokens = (IMAGE_SIZE // 14) ** 2
     assert model.model.few_shot.memory.shape == (1, 4 * grid_tokens, model.model.visual_encoder.output_dim)
     assert "leave-one-out" in model.post_processor.threshold_origin
@@ -150,23 +150,23 @@ def test_bad_reference_sources_are_explained(tiny_clip_path: Path, tiny_prompt_p
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
     with pytest.raises(BadImageError, match="No images found"):
-        _few_shot_model(tiny_clip_path, tiny_prompt_path, k_shot=1, few_shot_source=str(empty))._ensure_references(True)
+        _few_shot_model(tiny_clip_path, tiny_prompt_path, k_shot=1, few_shot_source=str(empty)).collect_references(True)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     with pytest.raises(BadImageError, match=r"bad\.png"):
-        _few_shot_model(tiny_clip_path, tiny_prompt_path, k_shot=1, few_shot_source=str(broken))._ensure_references(
+        _few_shot_model(tiny_clip_path, tiny_prompt_path, k_shot=1, few_shot_source=str(broken)).collect_references(
             True
         )
     with pytest.raises(FileNotFoundError, match="missing"):
         model = _few_shot_model(tiny_clip_path, tiny_prompt_path, k_shot=1, few_shot_source=str(tmp_path / "missing"))
-        model._ensure_references(True)
+        model.collect_references(True)
     few = _few_shot_model(tiny_clip_path, tiny_prompt_path, k_shot=5, few_shot_source=str(broken.parent / "empty"))
     with pytest.raises(BadImageError):
-        few._ensure_references(True)
+        few.collect_references(True)
     without_source = _few_shot_model(tiny_clip_path, tiny_prompt_path, k_shot=1)
     with pytest.raises(ValueError, match="few_shot_source"):
-        without_source._ensure_references(True)
+        without_source.collect_references(True)
     with pytest.raises(ValueError, match="holds no references yet"):
         without_source.to_torch(tmp_path / "export")
 

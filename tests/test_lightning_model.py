@@ -10,12 +10,9 @@ import pytest
 import torch
 from anomalib import LearningType
 
-from anomalib_anomalyclip.lightning_model import (
-    AnomalyCLIP,
-    PromptsUnavailableError,
-    _check_training_data,
-    _masks_and_presence,
-)
+from anomalib_anomalyclip.data.samples import has_pixel_mask
+from anomalib_anomalyclip.lightning_model import AnomalyCLIP, PromptsUnavailableError
+from anomalib_anomalyclip.weights import plan_prompts
 from anomalib_anomalyclip.prompts import PromptCheckpointError, PromptConfig, PromptLearner, save_prompts
 
 
@@ -93,17 +90,32 @@ def test_anomalous_images_without_mask_train_with_the_image_loss_only() -> None:
         gt_label=torch.tensor([False, True, True, False]),
         mask_path=["", "/data/cat/ground_truth/cut/000_mask.png", "", ""],
     )
-    masks, has_mask = _masks_and_presence(batch)
-    assert masks.dtype == torch.float32 and masks.shape == (4, 8, 8)
-    assert has_mask.tolist() == [True, True, False, True]
+    assert has_pixel_mask(batch).tolist() == [True, True, False, True]
 
 
-def test_training_on_normal_images_only_is_refused() -> None:
-    normal_only = SimpleNamespace(train_data=SimpleNamespace(samples=pd.DataFrame({"label_index": [0, 0, 0]})))
-    with pytest.raises(ValueError, match="only normal images"):
-        _check_training_data(normal_only)
+class MVTecAD(SimpleNamespace):
+    """Stands in for anomalib's MVTecAD (the released prompts are chosen by the datamodule's class name)."""
+
+
+def test_the_prompt_plan_learns_loads_released_prompts_or_refuses() -> None:
+    normal_only = MVTecAD(train_data=SimpleNamespace(samples=pd.DataFrame({"label_index": [0, 0, 0]})))
     labelled = SimpleNamespace(train_data=SimpleNamespace(samples=pd.DataFrame({"label_index": [0, 1]})))
-    _check_training_data(labelled)
+    # Nothing given: learn from labelled data, else the released prompts trained on the other dataset.
+    assert plan_prompts(None, None, 0, ready=False, fitting=True, datamodule=labelled).learn
+    released = plan_prompts(None, None, 0, ready=False, fitting=True, datamodule=normal_only)
+    assert not released.learn and released.released.name == "anomalyclip-visa"
+    assert "holds only normal images" in released.reason
+    assert plan_prompts(None, None, 0, ready=False, fitting=False, datamodule=labelled).released.name == (
+        "anomalyclip-mvtec"
+    )
+    # Prompts given, loaded from a checkpoint, or a few-shot model: nothing to learn or load.
+    assert plan_prompts("p.pt", None, 0, ready=True, fitting=True, datamodule=labelled) == plan_prompts(
+        None, None, 4, ready=True, fitting=True, datamodule=labelled
+    )
+    assert not plan_prompts(None, None, 0, ready=True, fitting=False).released
+    # Asked to train on normal images only: refused.
+    with pytest.raises(ValueError, match="only normal images"):
+        plan_prompts("p.pt", True, 0, ready=True, fitting=True, datamodule=normal_only)
 
 
 def test_training_steps_lower_the_loss_on_a_fixed_batch(tiny_clip_path: Path) -> None:

@@ -28,7 +28,6 @@ from .lightning import (
     cache_location,
     training_feature_cache,
     validation_feature_cache,
-    visual_features,
 )
 from .store import CacheStats, FeatureCache, open_feature_cache
 from .sync import RankSync
@@ -54,6 +53,5 @@ __all__ = [
     "open_feature_cache",
     "training_feature_cache",
     "validation_feature_cache",
-    "visual_features",
     "weights_digest",
 ]

@@ -1,7 +1,7 @@
 """The feature cache in a Lightning run: the callback that opens and closes it, and what it decides.
 
 :class:`FeatureCacheCallback` runs the cache's lifecycle around ``fit``; the module's
-training and validation steps pass what it provides to :func:`visual_features`.
+training and validation steps pass what it provides to :meth:`.AnomalyCLIPModel.visual_features`.
 :func:`training_feature_cache` decides whether the training data may be cached (see
 :mod:`.transforms`), where (:func:`cache_location`) and under which key (:mod:`.key`).
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -30,7 +29,7 @@ from lightning.pytorch import Callback
 
 from .key import cache_key, input_key
 from .layout import FeatureLayout
-from .store import FeatureCache, VisualEncoder, open_feature_cache
+from .store import FeatureCache, open_feature_cache
 from .sync import RankSync, distributed_sync
 from .transforms import cacheable_inputs
 
@@ -50,7 +49,6 @@ __all__ = [
     "cache_location",
     "training_feature_cache",
     "validation_feature_cache",
-    "visual_features",
 ]
 
 MEMORY_FRACTION = 0.5  # of the available memory, at most, for a cache in memory
@@ -95,7 +93,7 @@ class FeatureCacheCallback(Callback):
     ``learns_prompts`` and ``hparams.feature_cache``, ``feature_cache_dir`` and
     ``feature_cache_dtype``, and sets two attributes, each a :class:`FeatureCache` or
     ``None`` (no cache): ``train_features``, which ``training_step`` passes to
-    :func:`visual_features`, and ``val_features``, which ``validation_step`` passes with
+    :meth:`.AnomalyCLIPModel.visual_features`, and ``val_features``, which ``validation_step`` passes with
     ``record=False``. The module adds the callback in ``configure_callbacks`` and sets
     both attributes to ``None`` in ``__init__``.
 
@@ -137,28 +135,6 @@ class FeatureCacheCallback(Callback):
         """Serve fit's validation from the training feature cache when the images are pre-processed alike."""
         module = cast("PromptTrainingModule", pl_module)
         module.val_features = validation_feature_cache(trainer, module, self._cache)
-
-
-def visual_features(
-    encoder: VisualEncoder,
-    images: torch.Tensor,
-    image_paths: Sequence[str] | None,
-    cache: FeatureCache | None,
-    record: bool = True,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The frozen encoder's outputs for a batch, through the cache when there is one.
-
-    Args:
-        encoder: the visual encoder.
-        images: (B, 3, H, W) pre-processed images.
-        image_paths: their paths (needed with a cache).
-        cache: the feature cache, or ``None``.
-        record: see :meth:`FeatureCache.features` (``False`` for validation).
-    """
-    if cache is None or image_paths is None:
-        with torch.no_grad():
-            return encoder(images)
-    return cache.features(images, image_paths, encoder, record=record)
 
 
 def training_feature_cache(
