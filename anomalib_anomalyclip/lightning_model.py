@@ -56,7 +56,7 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 from . import expose_in_anomalib
 from .callbacks import ConvertingImageVisualizer, model_callbacks
 from .checkpoints import CheckedCheckpointLoading
-from .data.auxiliary import has_pixel_mask
+from .data import has_pixel_mask
 from .data.references import ReferenceSource, datamodule_references, folder_references, load_references
 from .dpam import DpamKind, TokenPath
 from .errors import explain_setup_errors

@@ -18,7 +18,8 @@ from PIL import Image
 from torchvision.transforms.v2 import Resize
 
 from anomalib_anomalyclip.data import AuxiliaryDataModule, AuxiliaryDataset, has_pixel_mask
-from anomalib_anomalyclip.data.auxiliary import SourceSpec, collect_samples
+from anomalib_anomalyclip.data.samples import collect_samples
+from anomalib_anomalyclip.data.sources import SourceSpec
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -424,14 +425,21 @@ def test_duplicate_images_are_rejected(mvtec_root: Path) -> None:
         ({"root": "a", "sources": [{"format": "mvtec", "root": "a"}]}, ValueError, "exactly one of `sources`"),
         ({"sources": []}, ValueError, "non-empty list"),
         ({"sources": ["./data"]}, TypeError, r"sources\[0\] must be a mapping"),
-        ({"sources": [{"format": "coco", "root": "a"}]}, ValueError, "format"),
+        ({"sources": [{"format": "coco", "root": "a"}]}, ValueError, r"format.*one of \['mvtec', 'visa', 'folder'"),
+        ({"sources": [{"format": "mvtec", "root": "a", "mask": "x"}]}, ValueError, r"unknown key\(s\) \['mask'\]"),
         (
-            {"sources": [{"format": "mvtec", "root": "a", "normal_dir": "x"}]},
+            {"sources": [{"format": "mvtec", "root": "a"}, {"format": "mvtec", "root": "a", "normal_dir": "x"}]},
             ValueError,
-            r"unknown key\(s\) \['normal_dir'\]",
+            r"sources\[1\]: key\(s\) \['normal_dir'\] do not apply to mvtec sources",
         ),
-        ({"sources": [{"format": "mvtec"}]}, ValueError, "needs a `root`"),
+        ({"sources": [{"format": "mvtec"}]}, ValueError, r"sources\[0\] needs `root`"),
+        ({"sources": [{"format": "mvtec", "root": ""}]}, ValueError, "needs a `root` path"),
         ({"sources": [{"format": "folder", "root": "a"}]}, ValueError, "normal_dir` and/or `abnormal_dir"),
+        (
+            {"sources": [{"format": "folder", "root": "a", "abnormal_dir": ["b", "c"], "mask_dir": ["m", "n", "o"]}]},
+            ValueError,
+            "`mask_dir` lists 3 folders but `abnormal_dir` lists 2",
+        ),
         ({"root": "a", "val_split_ratio": 1.0}, ValueError, "val_split_ratio"),
     ],
 )
