@@ -43,7 +43,7 @@ from torchvision.transforms.v2.functional import resize
 
 from .checkpoints import CheckpointFileCheck
 from .data.images import anomalib_reader_problem, check_files, read_image
-from .data.synthetic_anomalies import SyntheticPreview
+from .data.synthetic_preview import SyntheticPreview
 from .feature_cache import FeatureCacheCallback
 
 __all__ = [

@@ -18,7 +18,8 @@ from PIL import Image
 from torchvision.transforms.v2 import Resize
 
 from anomalib_anomalyclip.data import AuxiliaryDataModule, AuxiliaryDataset, has_pixel_mask
-from anomalib_anomalyclip.data.auxiliary import SourceSpec, collect_samples
+from anomalib_anomalyclip.data.samples import collect_samples
+from anomalib_anomalyclip.data.sources import SourceSpec
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -424,14 +425,21 @@ def test_duplicate_images_are_rejected(mvtec_root: Path) -> None:
         ({"root": "a", "sources": [{"format": "mvtec", "root": "a"}]}, ValueError, "exactly one of `sources`"),
         ({"sources": []}, ValueError, "non-empty list"),
         ({"sources": ["./data"]}, TypeError, r"sources\[0\] must be a mapping"),
-        ({"sources": [{"format": "coco", "root": "a"}]}, ValueError, "format"),
+        ({"sources": [{"format": "coco", "root": "a"}]}, ValueError, r"format.*one of \['mvtec', 'visa', 'folder'"),
+        ({"sources": [{"format": "mvtec", "root": "a", "mask": "x"}]}, ValueError, r"unknown key\(s\) \['mask'\]"),
         (
-            {"sources": [{"format": "mvtec", "root": "a", "normal_dir": "x"}]},
+            {"sources": [{"format": "mvtec", "root": "a"}, {"format": "mvtec", "root": "a", "normal_dir": "x"}]},
             ValueError,
-            r"unknown key\(s\) \['normal_dir'\]",
+            r"sources\[1\]: key\(s\) \['normal_dir'\] do not apply to mvtec sources",
         ),
-        ({"sources": [{"format": "mvtec"}]}, ValueError, "needs a `root`"),
+        ({"sources": [{"format": "mvtec"}]}, ValueError, r"sources\[0\] needs `root`"),
+        ({"sources": [{"format": "mvtec", "root": ""}]}, ValueError, "needs a `root` path"),
         ({"sources": [{"format": "folder", "root": "a"}]}, ValueError, "normal_dir` and/or `abnormal_dir"),
+        (
+            {"sources": [{"format": "folder", "root": "a", "abnormal_dir": ["b", "c"], "mask_dir": ["m", "n", "o"]}]},
+            ValueError,
+            "`mask_dir` lists 3 folders but `abnormal_dir` lists 2",
+        ),
         ({"root": "a", "val_split_ratio": 1.0}, ValueError, "val_split_ratio"),
     ],
 )
@@ -474,6 +482,69 @@ def test_from_config_through_jsonargparse(tmp_path: Path, mvtec_root: Path, fold
     assert datamodule.val_split_ratio == 0.25
     datamodule.setup()
     assert len(datamodule.train_data) + len(datamodule.val_data) == len(_test_images(mvtec_root)) + 5
+
+
+def test_typed_sources_and_plain_mappings_make_the_same_specification(mvtec_root: Path) -> None:
+    typed = SourceSpec(format="mvtec", root=mvtec_root, categories="alpha")
+    from_mapping = AuxiliaryDataModule(sources=[{"format": "mvtec", "root": str(mvtec_root), "categories": ["alpha"]}])
+    assert AuxiliaryDataModule(sources=[typed]).sources == from_mapping.sources == (typed,)
+    assert from_mapping.sources[0].categories == ("alpha",)
+    assert from_mapping.sources[0].root == mvtec_root
+
+
+def _anomalib_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """Parse ``args`` with anomalib's CLI without running or instantiating anything: exit code and output."""
+    from anomalib.cli import AnomalibCLI
+
+    with pytest.raises(SystemExit) as exit_info:
+        AnomalibCLI(list(args), run=False)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out + captured.err
+
+
+def test_cli_rejects_an_unknown_source_format_listing_the_valid_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = ["--data", "anomalib_anomalyclip.data.AuxiliaryDataModule"]
+    code, output = _anomalib_cli(
+        capsys, "fit", "--model", "AnomalyCLIP", *data, "--data.sources", '[{"format": "xx", "root": "/tmp"}]'
+    )
+    assert code != 0
+    assert "Got value: xx" in output
+    assert "Literal['mvtec', 'visa', 'folder', 'synthetic']" in output
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "model: AnomalyCLIP\ndata:\n  class_path: anomalib_anomalyclip.data.AuxiliaryDataModule\n"
+        "  init_args: {sources: [{format: mvtec, root: /tmp, mask: x}]}\n"
+    )
+    code, output = _anomalib_cli(capsys, "fit", "--config", str(config))
+    assert code != 0
+    assert "'mask'" in output and "not accepted" in output
+
+
+@pytest.mark.parametrize("config", sorted((REPO_ROOT / "configs").glob("train_prompts_*.yaml")), ids=lambda p: p.name)
+def test_shipped_training_configs_parse_their_sources(config: Path, capsys: pytest.CaptureFixture) -> None:
+    code, output = _anomalib_cli(capsys, "fit", "--config", str(config), "--print_config")
+    assert code == 0
+    assert re.search(r"sources:\n\s*- format: (mvtec|visa)\n\s*root: \./datasets/", output)
+
+
+def test_benchmark_configs_name_valid_sources() -> None:
+    import yaml
+
+    def sources(node: object) -> list:
+        if isinstance(node, dict):
+            return list(node.get("sources") or []) + [s for value in node.values() for s in sources(value)]
+        return [s for value in node for s in sources(value)] if isinstance(node, list) else []
+
+    found = [
+        source
+        for path in sorted((REPO_ROOT / "configs" / "benchmark").glob("*.yaml"))
+        for source in sources(yaml.safe_load(path.read_text()))
+    ]
+    assert found
+    for index, source in enumerate(found):
+        assert isinstance(SourceSpec.from_mapping(source, index), SourceSpec)
 
 
 def test_dataset_and_collate_pickle(datamodule: AuxiliaryDataModule) -> None:

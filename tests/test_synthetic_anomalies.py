@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from anomalib_anomalyclip.data.anomaly_synthesis import SYNTHETIC_LABEL
 from anomalib_anomalyclip.data.auxiliary import AuxiliaryDataModule
 from anomalib_anomalyclip.data.images import read_image, read_mask
-from anomalib_anomalyclip.data.synthetic_anomalies import PREVIEW_NAME, SYNTHETIC_LABEL
+from anomalib_anomalyclip.data.synthetic_preview import PREVIEW_NAME
 from anomalib_anomalyclip.feature_cache import cacheable_inputs
 from anomalib_anomalyclip.lightning_model import AnomalyCLIP
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset

@@ -17,6 +17,7 @@ __all__ = [
     "BadImageError",
     "ImageFolderDataset",
     "PredictFolder",
+    "SourceSpec",
     "collate_auxiliary",
     "has_pixel_mask",
     "make_mvtec_like_dataset",
@@ -28,8 +29,9 @@ __all__ = [
 _LAZY_ATTRIBUTES: dict[str, str] = {
     "AuxiliaryDataModule": "anomalib_anomalyclip.data.auxiliary",
     "AuxiliaryDataset": "anomalib_anomalyclip.data.auxiliary",
-    "collate_auxiliary": "anomalib_anomalyclip.data.auxiliary",
-    "has_pixel_mask": "anomalib_anomalyclip.data.auxiliary",
+    "SourceSpec": "anomalib_anomalyclip.data.sources",
+    "collate_auxiliary": "anomalib_anomalyclip.data.samples",
+    "has_pixel_mask": "anomalib_anomalyclip.data.samples",
     "make_mvtec_like_dataset": "anomalib_anomalyclip.testing.toy_data",
     "BadImageError": "anomalib_anomalyclip.data.images",
     "read_image": "anomalib_anomalyclip.data.images",
@@ -39,14 +41,11 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
-    from anomalib_anomalyclip.data.auxiliary import (
-        AuxiliaryDataModule,
-        AuxiliaryDataset,
-        collate_auxiliary,
-        has_pixel_mask,
-    )
+    from anomalib_anomalyclip.data.auxiliary import AuxiliaryDataModule, AuxiliaryDataset
     from anomalib_anomalyclip.data.images import BadImageError, read_image, read_mask
     from anomalib_anomalyclip.data.predict import ImageFolderDataset, PredictFolder
+    from anomalib_anomalyclip.data.samples import collate_auxiliary, has_pixel_mask
+    from anomalib_anomalyclip.data.sources import SourceSpec
     from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 

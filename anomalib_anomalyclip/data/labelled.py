@@ -41,7 +41,9 @@ from pandas import DataFrame
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Transform
 
-from .auxiliary import SAMPLE_COLUMNS, AuxiliaryDataset, SourceSpec, scan_source
+from .auxiliary import AuxiliaryDataset
+from .scanners import SAMPLE_COLUMNS, scan_source
+from .sources import SourceSpec
 
 __all__ = ["LabelledFolder"]
 

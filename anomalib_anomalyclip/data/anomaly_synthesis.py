@@ -10,7 +10,8 @@ DRAEM and GLASS): a Perlin-noise shaped region is blended with noise or, with ``
 * an MVTec-layout category (``root/train/good/``);
 * an MVTec-layout dataset (``root/<category>/train/good/``, every category unless ``categories`` lists some).
 
-Options (keys of the source mapping):
+Options (keys of the source, fields of :class:`~anomalib_anomalyclip.data.sources.SourceSpec` and of
+:class:`SyntheticOptions`):
 
 ``anomalous_fraction`` (default 0.5)
     Share of anomalous samples in the source's training set, in ``(0, 1)``. All normal images are kept; ``n`` normal
@@ -25,10 +26,13 @@ Options (keys of the source mapping):
 ``output_dir``
     Where the anomalous images and masks are written (default: ``synthetic/`` in the package cache, see
     :mod:`anomalib_anomalyclip.cache`).
+``blend_factor`` (default ``(0.5, 1.0)``)
+    Opacity of the anomalies over the image: a number or a ``(min, max)`` range within ``(0, 1]``.
 
 Fixed per seed: the anomalous images and masks are PNG files in a folder named by a digest of everything that makes
 them (the normal images' paths, sizes and modification times, the options, the texture files), so the feature
-cache, which keys on image paths, can never confuse two seeds, and a second run reuses the files.
+cache, which keys on image paths, can never confuse two seeds, and a second run reuses the files. The folder's
+``index.json`` lists them (:func:`read_index`, :func:`write_index`).
 
 Example YAML::
 
@@ -55,30 +59,26 @@ from typing import Any
 import numpy as np
 import torch
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
-from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
 from ..cache import cache_dir
 from .images import IMAGE_EXTENSIONS, BadImageError, list_image_files, read_image
 
 __all__ = [
-    "PREVIEW_NAME",
-    "SYNTHETIC_KEYS",
     "SYNTHETIC_LABEL",
     "SyntheticOptions",
-    "SyntheticPreview",
     "anomaly_generator",
     "make_anomaly",
     "normal_image_groups",
+    "read_index",
     "regeneration_plan",
     "synthesise",
     "synthetic_rows",
-    "write_preview",
+    "write_index",
 ]
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC_KEYS = frozenset({"anomalous_fraction", "seed", "texture_dir", "regenerate", "output_dir", "blend_factor"})
 SYNTHETIC_LABEL = "synthetic"
 INDEX_NAME = "index.json"
 _FORMAT_VERSION = 1
@@ -87,61 +87,60 @@ _MAX_TRIES = 20
 
 @dataclass(frozen=True)
 class SyntheticOptions:
-    """Options of a ``synthetic`` source (see the module docstring).
+    """Options of a ``synthetic`` source (see the module docstring), checked and normalised when made.
 
     Attributes:
         anomalous_fraction: share of anomalous samples, in ``(0, 1)``.
         seed: seed of the anomalies.
         texture_dir: folder of texture images for the anomalous regions, or ``None`` for Perlin noise.
         regenerate: new anomalies every epoch (the feature cache is then off).
-        output_dir: folder for the generated files.
-        blend_factor: ``(min, max)`` opacity of the anomaly over the image (anomalib's ``blend_factor``).
+        output_dir: folder for the generated files (default: ``synthetic/`` in the package cache).
+        blend_factor: opacity of the anomaly over the image (anomalib's ``blend_factor``), a number or a
+            ``(min, max)`` pair; stored as the pair.
+
+    Raises:
+        ValueError: if ``anomalous_fraction`` is outside ``(0, 1)`` or ``blend_factor`` is not within ``(0, 1]``.
     """
 
     anomalous_fraction: float = 0.5
     seed: int = 0
-    texture_dir: Path | None = None
+    texture_dir: str | Path | None = None
     regenerate: bool = False
-    output_dir: Path | None = None
-    blend_factor: tuple[float, float] = (0.5, 1.0)
+    output_dir: str | Path | None = None
+    blend_factor: float | tuple[float, float] = (0.5, 1.0)
 
-    @classmethod
-    def from_mapping(cls, spec: Mapping[str, Any], label: str) -> SyntheticOptions:
-        """Parse and check the options of a source mapping.
-
-        Args:
-            spec: the source mapping.
-            label: the source's description for messages.
-
-        Raises:
-            ValueError: if ``anomalous_fraction`` is outside ``(0, 1)`` or ``blend_factor`` is not within ``[0, 1]``.
-        """
-        fraction = float(spec.get("anomalous_fraction", cls.anomalous_fraction))
+    def __post_init__(self) -> None:
+        fraction = float(self.anomalous_fraction)
         if not 0.0 < fraction < 1.0:
             msg = (
-                f"{label}: anomalous_fraction must lie strictly between 0 and 1 (the share of anomalous samples; "
-                f"0.5 makes one anomalous sample per normal image), got {fraction}."
+                "anomalous_fraction must lie strictly between 0 and 1 (the share of anomalous samples; 0.5 makes one "
+                f"anomalous sample per normal image), got {fraction}."
             )
             raise ValueError(msg)
-        blend = spec.get("blend_factor", cls.blend_factor)
+        blend = self.blend_factor
         blend = (float(blend), float(blend)) if isinstance(blend, int | float) else tuple(float(b) for b in blend)
         if len(blend) != 2 or not 0.0 < blend[0] <= blend[1] <= 1.0:
-            msg = f"{label}: blend_factor must be a number or a (min, max) pair within (0, 1], got {blend}."
+            msg = f"blend_factor must be a number or a (min, max) pair within (0, 1], got {blend}."
             raise ValueError(msg)
-        texture = spec.get("texture_dir")
-        output = spec.get("output_dir")
-        return cls(
-            anomalous_fraction=fraction,
-            seed=int(spec.get("seed", 0)),
-            texture_dir=Path(os.path.abspath(Path(texture).expanduser())) if texture else None,
-            regenerate=bool(spec.get("regenerate", False)),
-            output_dir=Path(os.path.abspath(Path(output).expanduser())) if output else None,
-            blend_factor=blend,
-        )
+        normalised = {
+            "anomalous_fraction": fraction,
+            "seed": int(self.seed),
+            "texture_dir": _absolute(self.texture_dir),
+            "regenerate": bool(self.regenerate),
+            "output_dir": _absolute(self.output_dir),
+            "blend_factor": blend,
+        }
+        for key, value in normalised.items():
+            object.__setattr__(self, key, value)
 
     def anomalous_count(self, normal_count: int) -> int:
         """Anomalous samples made from ``normal_count`` normal images (at least one)."""
         return max(1, round(normal_count * self.anomalous_fraction / (1.0 - self.anomalous_fraction)))
+
+
+def _absolute(path: str | os.PathLike | None) -> Path | None:
+    """``path`` made absolute against the current directory (``~`` expanded); ``None`` stays ``None``."""
+    return Path(os.path.abspath(Path(path).expanduser())) if path else None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -350,56 +349,36 @@ def synthesise(
     """
     digest = _digest(category, images, options, textures)
     folder = cache_dir("synthetic", options.output_dir) / f"{category}-{digest}"
-    index_path = folder / INDEX_NAME
-    if index_path.is_file():
-        entries = json.loads(index_path.read_text())["samples"]
+    index = read_index(folder)
+    if index is not None:
+        entries = index["samples"]
         if all(Path(image).is_file() and Path(mask).is_file() for image, mask, _ in entries):
             return entries
     entries = _generate(folder, category, images, options, textures)
-    temporary = index_path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"digest": digest, "samples": entries}))
-    temporary.replace(index_path)
+    write_index(folder, {"digest": digest, "samples": entries})
     logger.info("Synthetic anomalies: %d anomalous images of %r written to %s.", len(entries), category, folder)
     return entries
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Preview
+# Digest-named folders with an index (the feature cache keeps its files the same way; candidates for sharing)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _tile(image_path: str, mask_path: str, size: int) -> np.ndarray:
-    """The image above the image with its mask tinted red, (2 * size, size, 3) uint8."""
-    image = Image.open(image_path).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    mask = Image.open(mask_path).convert("L").resize((size, size), Image.Resampling.NEAREST)
-    pixels = np.asarray(image, dtype=np.float32)
-    tinted = pixels.copy()
-    inside = np.asarray(mask) > 0
-    tinted[inside] = 0.5 * tinted[inside] + 0.5 * np.array([255.0, 0.0, 0.0])
-    return np.concatenate([pixels, tinted]).astype(np.uint8)
+def read_index(folder: Path) -> dict[str, Any] | None:
+    """The ``index.json`` of a digest-named folder; ``None`` when it is missing or unreadable (then regenerate)."""
+    try:
+        return json.loads((folder / INDEX_NAME).read_text())
+    except (OSError, ValueError):
+        return None
 
 
-def write_preview(pairs: Sequence[tuple[str, str]], path: Path, columns: int = 8, tile: int = 128) -> Path:
-    """A PNG grid of synthetic samples: each image above the same image with its mask in red.
-
-    Args:
-        pairs: ``(image, mask)`` paths; ``2 * columns`` of them, evenly spread, are shown.
-        path: the PNG to write (its folder is created).
-        columns: tiles per row.
-        tile: side of a tile in pixels.
-
-    Returns:
-        ``path``.
-    """
-    pairs = list(pairs)
-    pairs = [pairs[int(i)] for i in np.unique(np.linspace(0, len(pairs) - 1, 2 * columns).round())]
-    columns = min(columns, len(pairs))
-    tiles = [_tile(image, mask, tile) for image, mask in pairs]
-    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % columns)
-    rows = [np.concatenate(tiles[start : start + columns], axis=1) for start in range(0, len(tiles), columns)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows)).save(path)
-    return path
+def write_index(folder: Path, index: Mapping[str, Any]) -> None:
+    """Write ``folder/index.json`` atomically: a reader sees the previous index or this one, never part of it."""
+    path = folder / INDEX_NAME
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(index))
+    temporary.replace(path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -449,32 +428,6 @@ def regeneration_plan(specs: Sequence[Any], samples: Any) -> dict[str, tuple[str
         generator = anomaly_generator(options, texture_files(spec.label, options.texture_dir))
         wanted = set(rows["image_path"])
         for folder in {Path(image).parent.parent for image in wanted}:
-            entries = json.loads((folder / INDEX_NAME).read_text())["samples"]
+            entries = (read_index(folder) or {"samples": []})["samples"]
             plan.update({image: (source, generator) for image, _, source in entries if image in wanted})
     return plan
-
-
-PREVIEW_NAME = "synthetic_anomalies.png"
-
-
-class SyntheticPreview(Callback):
-    """At the start of ``fit``, write a PNG grid of the synthetic training samples with their masks.
-
-    The file, :data:`PREVIEW_NAME`, goes next to the checkpoints (the trainer's checkpoint folder, else its
-    ``default_root_dir``), so users see what the model was taught to call a defect. Nothing is written when the
-    training data hold no synthetic anomalies.
-    """
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Write the preview (rank 0 only)."""
-        del pl_module
-        samples = getattr(getattr(trainer.datamodule, "train_data", None), "samples", None)
-        if samples is None or "label" not in getattr(samples, "columns", ()) or not trainer.is_global_zero:
-            return
-        rows = samples[samples["label"] == SYNTHETIC_LABEL]
-        if rows.empty:
-            return
-        callback = trainer.checkpoint_callback
-        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
-        path = write_preview(list(zip(rows["image_path"], rows["mask_path"], strict=True)), folder / PREVIEW_NAME)
-        logger.info("Synthetic anomalies: preview of the training samples written to %s.", path)
