@@ -128,7 +128,7 @@ class AnomalibReaderCheck(Callback):
         self._check(trainer.predict_dataloaders)
 
     def _check(self, dataloaders: Any) -> None:
-        for dataset in _datasets(dataloaders):
+        for dataset in (loader.dataset for loader in loaders_of(dataloaders)):
             paths, decode = _files_read_by_anomalib(dataset)
             paths = [path for path in paths if path not in self._checked]
             if not paths:
@@ -138,18 +138,18 @@ class AnomalibReaderCheck(Callback):
             self._checked.update(paths)
 
 
-def _datasets(dataloaders: Any) -> Iterator[Any]:
-    """The datasets of a trainer's dataloaders (one loader, a sequence or a mapping of them)."""
+def loaders_of(dataloaders: Any) -> Iterator[DataLoader]:
+    """The loaders of a trainer's dataloaders (one loader, a sequence or a mapping of them)."""
     if dataloaders is None:
         return
     if isinstance(dataloaders, DataLoader):
-        yield dataloaders.dataset
+        yield dataloaders
     elif isinstance(dataloaders, dict):
         for loader in dataloaders.values():
-            yield from _datasets(loader)
+            yield from loaders_of(loader)
     elif isinstance(dataloaders, Iterable):
         for loader in dataloaders:
-            yield from _datasets(loader)
+            yield from loaders_of(loader)
 
 
 def _files_read_by_anomalib(dataset: object) -> tuple[list[str], bool]:

@@ -62,12 +62,14 @@ from .checkpoints import CheckedCheckpointLoading, restore_model_state, save_mod
 from .data.references import ReferenceSource, datamodule_references, folder_references, load_references
 from .data.samples import has_pixel_mask
 from .dpam import DpamKind, DpamKindName, TokenPathName
-from .errors import PromptsUnavailableError, explain_setup_errors, parse_choice
+from .errors import ExportUnavailableError, PromptsUnavailableError, explain_setup_errors, parse_choice
 from .export import InferencePathExport
 from .feature_cache import FeatureCache, check_storage_dtype
 from .few_shot import FewShotFusionName, choose_references, few_shot_settings
 from .loss import GlocalLoss, LossName, LossVariant
 from .metrics import anomalyclip_evaluator
+from .mutual import MutualFusion, MutualScoringConfig
+from .pool_scoring import PoolScores, score_run
 from .post_processor import DEFAULT_NORMAL_QUANTILE, ProbabilityPostProcessor
 from .pre_processor import PreprocessingName, clip_pre_processor
 from .prompts import AGNOSTIC_OBJECT, PromptType, PromptTypeName
@@ -128,6 +130,17 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
             or ``original`` (the ordinary attention stream of the same blocks).
         few_shot_fusion: ``mean`` (default), ``harmonic`` or ``few_shot`` (the few-shot map
             alone); see :mod:`anomalib_anomalyclip.few_shot`.
+        mutual_scoring: also score each image against the other images of its pool (the images of the
+            validation, test or predict run, per category or folder), as MuSc does, and fuse that with the
+            prompts' score and map (see :mod:`anomalib_anomalyclip.mutual` and :mod:`.pool_scoring`).
+        mutual_blocks: visual blocks whose raw patch tokens are compared.
+        mutual_radii: LNAMD neighbourhood sizes (odd).
+        mutual_fraction: share of the other images whose nearest-patch distances are averaged, in (0, 1].
+        mutual_pool_size: largest subset of a pool scored at once (larger pools are split reproducibly).
+        rscin_k: RsCIN neighbourhood sizes for the image scores (MuSc: 1, 2, 3 for MVTec AD; 1, 8, 9 for VisA);
+            ``None``: the maps' maxima.
+        mutual_fusion: ``mean`` (prompts and mutual scores, each on the pool's [0, 1] scale, averaged) or
+            ``mutual`` (the mutual score and map alone).
         normal_quantile: when validation sees only normal images (or the references,
             scored leave-one-out), the thresholds are this quantile of their scores:
             ``1 - normal_quantile`` is the accepted false-alarm rate.
@@ -175,6 +188,13 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         few_shot_layers: Sequence[int] | None = None,
         few_shot_tokens: TokenPathName = "dpam",
         few_shot_fusion: FewShotFusionName = "mean",
+        mutual_scoring: bool = False,
+        mutual_blocks: Sequence[int] = (6, 12, 18, 24),
+        mutual_radii: Sequence[int] = (1, 3, 5),
+        mutual_fraction: float = 0.3,
+        mutual_pool_size: int = 200,
+        rscin_k: Sequence[int] | None = (1, 2, 3),
+        mutual_fusion: MutualFusion = "mean",
         normal_quantile: float = DEFAULT_NORMAL_QUANTILE,
         preprocessing: PreprocessingName = "reference",
         pre_processor: nn.Module | bool = True,
@@ -213,6 +233,10 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         )
         if settings.k_shot:
             self.model.use_few_shot(settings)
+        if mutual_scoring:
+            rscin = tuple(rscin_k) if rscin_k else None
+            config = (tuple(mutual_blocks), tuple(mutual_radii), mutual_fraction, mutual_pool_size, rscin, seed or 0)
+            self.model.use_mutual_scoring(MutualScoringConfig(*config))
         self.loss = GlocalLoss(parse_choice(LossVariant, loss, "loss"), local_loss_weight)
         self.prompts_ready = prompt_weights is not None
         self.learns_prompts = self._prompt_plan(fitting=True, datamodule=None).learn
@@ -220,6 +244,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         self.train_features: FeatureCache | None = None
         self.val_features: FeatureCache | None = None
         self.references: list[str] = []  # the few-shot reference images in the bank
+        self.pool_scores: PoolScores | None = None  # mutual scores of the loop's images, by path
         self._references_restored = False
         self._set_probability_scale()
         self.strict_loading = False  # the frozen CLIP is not stored in checkpoints
@@ -316,16 +341,16 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         self.learns_prompts = False
 
     def on_validation_start(self) -> None:
-        """Make ready to score: prompts (refused if untrained), references."""
-        self.prepare_scoring()
+        """Make ready to score: prompts (refused if untrained), references, the pools of mutual scoring."""
+        self.prepare_scoring(self.trainer.val_dataloaders)
 
     def on_test_start(self) -> None:
-        """Make ready to score: prompts (refused if untrained), references."""
-        self.prepare_scoring()
+        """Make ready to score: prompts (refused if untrained), references, the pools of mutual scoring."""
+        self.prepare_scoring(self.trainer.test_dataloaders)
 
     def on_predict_start(self) -> None:
-        """Make ready to score: prompts (refused if untrained), references."""
-        self.prepare_scoring()
+        """Make ready to score: prompts (refused if untrained), references, the pools of mutual scoring."""
+        self.prepare_scoring(self.trainer.predict_dataloaders)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One step of prompt learning with the glocal loss (nothing when the prompts are fixed)."""
@@ -352,11 +377,25 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score the batch (anomalib collects thresholds); within ``fit``, from the training features where cached."""
         del args, kwargs
+        if self.pool_scores is not None:
+            return batch.update(**self.pool_scores.lookup(batch.image_path, self.device)._asdict())
         if self.model.k_shot:
             return batch.update(**self.model(batch.image)._asdict())
         paths = getattr(batch, "image_path", None)
         features = self.model.visual_features(batch.image, paths, self.val_features, record=False)
         return batch.update(**self.model.scores_from_features(*features, batch.image.shape[-2:])._asdict())
+
+    def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score the batch; with mutual scoring, look up the scores of the pools computed at the loop's start."""
+        if self.pool_scores is not None:
+            return batch.update(**self.pool_scores.lookup(batch.image_path, self.device)._asdict())
+        return super().test_step(batch, *args, **kwargs)
+
+    def predict_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score the batch; with mutual scoring, look up the scores of the pools computed at the loop's start."""
+        if self.pool_scores is not None:
+            return batch.update(**self.pool_scores.lookup(batch.image_path, self.device)._asdict())
+        return super().predict_step(batch, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the prompts, references and anomalib's components, not the frozen CLIP (see :mod:`.checkpoints`)."""
@@ -374,17 +413,28 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
             self.references = restored.references
             self._references_restored = True
 
-    def prepare_scoring(self) -> None:
-        """Prompts (released ones when the plan says so) and the few-shot references; refuses untrained prompts."""
+    def prepare_scoring(self, dataloaders: Any = None) -> None:
+        """Prompts (released ones when the plan says so), the few-shot references, then the pools of ``dataloaders``.
+
+        Refuses untrained prompts. With mutual scoring, every image of ``dataloaders`` is encoded once and scored
+        against its pool here (see :mod:`.pool_scoring`); the steps look the results up.
+        """
         plan = self._prompt_plan(fitting=False, datamodule=self._datamodule())
         if plan.released is not None:
             self._load_released_prompts(plan)
         self._require_prompts()
         if self.model.k_shot:
             self.collect_references(required=True)
+        self.pool_scores = score_run(self, dataloaders) if self.model.mutual_scoring else None
 
     def prepare_export(self) -> None:
-        """Refuse to export untrained prompts or an empty few-shot bank (the export would be zero-shot)."""
+        """Refuse to export untrained prompts, an empty few-shot bank, or mutual scoring (it needs a pool)."""
+        if self.model.mutual_scoring:
+            raise ExportUnavailableError(
+                "Mutual scoring scores each image against the other images of its pool, and an exported graph scores "
+                "images one by one. Export the prompts' model (--model.mutual_scoring false, the same checkpoint), "
+                "or score pools with `anomalib predict --model AnomalyCLIP --model.mutual_scoring true --data <dir>`."
+            )
         self._require_prompts()
         if self.model.k_shot and not self.model.has_references:
             if not self.hparams.few_shot_source:

@@ -38,6 +38,9 @@ A pool of more than ``pool_size`` images is split into subsets (a seeded permuta
 consecutive chunks), each scored on its own; RsCIN then runs over the whole pool, as in MuSc.
 ``k >= 1`` needs ``N >= min_pool`` images in every subset (5 at ``fraction = 0.3``).
 
+With the prompts (:func:`fuse_with_prompts`), each of the two scores and maps is min-max scaled over the pool
+and the two are averaged (``mean``), or the mutual ones are kept alone (``mutual``).
+
 Cost, per block and radius: ``N (N - 1) / 2`` products of two (L, C) token sets (each pair's
 squared-distance matrix serves both directions), run as chunked matrix products
 ``||x||^2 + ||y||^2 - 2 x.y`` in float32; the table of nearest distances is (N, N, L).
@@ -48,12 +51,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 CHUNK_TOKENS = 8192  # reference tokens per matrix product (whole images, at least one): bounds L x CHUNK_TOKENS
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, as in MuSc
+MutualFusion = Literal["mean", "mutual"]
 
 
 def neighbours_kept(pool: int, fraction: float) -> int:
@@ -237,12 +242,44 @@ def rscin(scores: torch.Tensor, class_embeddings: torch.Tensor, ks: Sequence[int
         raise ValueError(f"RsCIN got {class_embeddings.shape[0]} class embeddings for {scores.shape[0]} image scores.")
     if len(ks) == 0:
         raise ValueError("RsCIN needs at least one neighbourhood size k.")
-    scores = scores.float()
-    spread = scores.max() - scores.min()
-    normalised = (scores - scores.min()) / spread if spread > 0 else torch.zeros_like(scores)
+    normalised = min_max(scores.float())
     embeddings = F.normalize(class_embeddings.to(scores.device, torch.float32), dim=-1)
     similarity = embeddings @ embeddings.transpose(0, 1)
     return torch.stack([_neighbour_weights(similarity, k) @ normalised for k in ks]).mean(dim=0)
+
+
+def min_max(values: torch.Tensor) -> torch.Tensor:
+    """``values`` scaled to [0, 1] by their minimum and maximum (all zero when they are all equal)."""
+    spread = values.max() - values.min()
+    return (values - values.min()) / spread if spread > 0 else torch.zeros_like(values)
+
+
+def fuse_with_prompts(
+    prompt_scores: torch.Tensor,
+    prompt_maps: torch.Tensor,
+    mutual_scores: torch.Tensor,
+    mutual_maps: torch.Tensor,
+    fusion: MutualFusion,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and maps of a pool from the prompts' and the mutual ones, each on the pool's [0, 1] scale.
+
+    Each term is min-max scaled over the pool (scores over the pool's images, maps over all their pixels),
+    so that neither dominates by its range alone; ``mean`` averages the two, ``mutual`` keeps the mutual term.
+
+    Args:
+        prompt_scores: (N,) image scores of the prompts (zero- or few-shot).
+        prompt_maps: (N, 1, H, W) anomaly maps of the prompts.
+        mutual_scores: (N,) mutual image scores (after RsCIN when it runs).
+        mutual_maps: (N, 1, H, W) mutual anomaly maps.
+        fusion: ``mean`` or ``mutual``.
+
+    Returns:
+        (N,) scores and (N, 1, H, W) maps in [0, 1].
+    """
+    if fusion == "mutual":
+        return min_max(mutual_scores), min_max(mutual_maps)
+    scores = (min_max(prompt_scores.float()) + min_max(mutual_scores)) / 2
+    return scores, (min_max(prompt_maps.float()) + min_max(mutual_maps)) / 2
 
 
 def _neighbour_weights(similarity: torch.Tensor, k: int) -> torch.Tensor:

@@ -25,9 +25,11 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from .backbone import load_clip
-from .dpam import DpamKind, DualPathVisualEncoder, check_layers
+from .dpam import DpamKind, DualPathVisualEncoder, Tap, TokenPath, check_layers
 from .few_shot import FewShotScorer, FewShotSettings
 from .inference_model import AnomalyCLIPInferenceModel, score_features, score_images
+from .mutual import MutualFusion, MutualScoringConfig, fuse_with_prompts
+from .mutual import score_pool as score_mutually
 from .prompts import AGNOSTIC_OBJECT, PromptConfig, PromptLearner, PromptTextEncoder, PromptType
 from .scoring import GaussianSmoothing, patch_probability_maps, similarity_logits
 
@@ -45,6 +47,22 @@ class TrainingOutput(NamedTuple):
 
     image_logits: torch.Tensor
     layer_probabilities: list[torch.Tensor]
+
+
+class PoolMember(NamedTuple):
+    """Images of a pool, encoded once: the prompts' scores and maps, and what mutual scoring needs.
+
+    Attributes:
+        pred_score: (B,) image scores of the prompts (zero-shot, or fused with the few-shot bank).
+        anomaly_map: (B, 1, H, W) maps of the prompts, on [0, 1] (zero-shot maps divided by the layer count).
+        tokens: per mutual-scoring block, (B, L, C) raw residual-stream patch tokens in float16.
+        class_embedding: (B, D) CLIP's image embeddings (for RsCIN).
+    """
+
+    pred_score: torch.Tensor
+    anomaly_map: torch.Tensor
+    tokens: list[torch.Tensor]
+    class_embedding: torch.Tensor
 
 
 class AnomalyCLIPModel(nn.Module):
@@ -114,6 +132,7 @@ class AnomalyCLIPModel(nn.Module):
         self.smoothing = GaussianSmoothing(smoothing_sigma)
         self.few_shot: FewShotScorer | None = None
         self.few_shot_settings: FewShotSettings | None = None
+        self.mutual_scoring: MutualScoringConfig | None = None
         if few_shot is not None and few_shot.k_shot:
             self.use_few_shot(few_shot)
         self.register_buffer("text_features", torch.zeros(1, 2, clip.text_projection.shape[1]), persistent=False)
@@ -138,8 +157,8 @@ class AnomalyCLIPModel(nn.Module):
 
     @property
     def map_scale(self) -> float:
-        """Largest value of an anomaly map: 1 with a few-shot bank (fused maps), else the number of feature layers."""
-        return 1.0 if self.k_shot else float(len(self.feature_layers))
+        """Largest map value: 1 when maps are fused (few-shot, mutual scoring), else the number of feature layers."""
+        return 1.0 if self.k_shot or self.mutual_scoring else float(len(self.feature_layers))
 
     @property
     def uses_class_names(self) -> bool:
@@ -165,6 +184,57 @@ class AnomalyCLIPModel(nn.Module):
             self.text_features.device
         )
         self.few_shot_settings = settings
+
+    def use_mutual_scoring(self, config: MutualScoringConfig) -> None:
+        """Score images against the other images of their pool too (see :mod:`.mutual`); its blocks must exist."""
+        check_layers(config.blocks, self.visual_encoder.depth, "mutual_blocks")
+        self.mutual_scoring = config
+
+    def encode_pool_member(self, images: torch.Tensor) -> PoolMember:
+        """One encoder pass over ``images`` for a pool: the prompts' outputs and the mutual-scoring tokens.
+
+        Args:
+            images: (B, 3, H, W) CLIP-normalised images.
+        """
+        if self.mutual_scoring is None:
+            raise RuntimeError("This model does no mutual scoring; give it a configuration with use_mutual_scoring().")
+        feature_taps = self.visual_encoder.feature_taps
+        bank_taps = self.few_shot.taps if self.has_references else ()
+        mutual_taps = tuple(Tap(block, TokenPath.RESIDUAL) for block in self.mutual_scoring.blocks)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        with torch.no_grad():
+            embedding, tokens, class_embedding = self.visual_encoder(
+                images, feature_taps + bank_taps + mutual_taps, class_embedding=True
+            )
+            features, bank = tokens[: len(feature_taps)], tokens[len(feature_taps) : -len(mutual_taps)]
+            grid = self.visual_encoder.grid_size(size)
+            text_features = self.inference_text_features()
+            prompt = score_features(embedding, features, grid, size, self.smoothing, text_features, self.few_shot, bank)
+        anomaly_map = prompt.anomaly_map if self.has_references else prompt.anomaly_map / len(feature_taps)
+        mutual_tokens = [layer.half() for layer in tokens[-len(mutual_taps) :]]
+        return PoolMember(prompt.pred_score, anomaly_map, mutual_tokens, class_embedding)
+
+    def score_pool(self, members: Sequence[PoolMember], fusion: MutualFusion = "mean") -> InferenceBatch:
+        """Scores and maps of a pool of images, each scored against the others and fused with the prompts.
+
+        Args:
+            members: the pool, as :meth:`encode_pool_member` encoded it (in a fixed order, e.g. sorted paths).
+            fusion: ``mean`` (prompts and mutual scores on the pool's [0, 1] scale, averaged) or ``mutual``.
+
+        Returns:
+            ``pred_score`` (N,) and ``anomaly_map`` (N, 1, H, W) in [0, 1], in the order of ``members``.
+        """
+        config = self.mutual_scoring
+        if config is None:
+            raise RuntimeError("This model does no mutual scoring; give it a configuration with use_mutual_scoring().")
+        tokens = [torch.cat(layer) for layer in zip(*(member.tokens for member in members), strict=True)]
+        prompt_maps = torch.cat([member.anomaly_map for member in members])
+        size = (int(prompt_maps.shape[-2]), int(prompt_maps.shape[-1]))
+        embeddings = torch.cat([member.class_embedding for member in members])
+        scores, maps = score_mutually(tokens, self.visual_encoder.grid_size(size), size, config, embeddings)
+        prompt_scores = torch.cat([member.pred_score for member in members])
+        fused_scores, fused_maps = fuse_with_prompts(prompt_scores, prompt_maps, scores, maps, fusion)
+        return InferenceBatch(pred_score=fused_scores, anomaly_map=fused_maps)
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint records of the model's configuration (see :mod:`.checkpoints`)."""
