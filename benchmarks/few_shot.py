@@ -2,7 +2,7 @@ r"""Few-shot gain study: zero-shot vs k normal references, each fusion, on gener
 
 Trains prompts on generated auxiliary categories, then scores generated target categories
 (texture, object on a background, grayscale) that no prompt saw, zero-shot and with
-k references (see :mod:`anomalib_anomalyclip.benchmarking.few_shot_study`). Prints one row
+k references (see :mod:`anomalyclip_bench.few_shot_study`). Prints one row
 per category, k and fusion, then the mean table of the README.
 
 ``--false-alarms N`` then sets thresholds from normal images only (a ``from_train``
@@ -24,7 +24,9 @@ import tempfile
 from pathlib import Path
 
 from anomalib_anomalyclip import AnomalyCLIP
-from anomalib_anomalyclip.benchmarking.few_shot_study import (
+from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
+from anomalyclip_bench.few_shot_study import (
     TARGET_KINDS,
     StudyConfig,
     evaluate,
@@ -33,8 +35,6 @@ from anomalib_anomalyclip.benchmarking.few_shot_study import (
     markdown_table,
     train_prompts,
 )
-from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
-from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 
 def main() -> None:

@@ -13,11 +13,12 @@ import pytest
 import torch
 import yaml
 
-from anomalib_anomalyclip.benchmarking import BenchmarkConfigError, load_config, parse_config
-from anomalib_anomalyclip.benchmarking.chart import plot_means
-from anomalib_anomalyclip.benchmarking.cli import main
-from anomalib_anomalyclip.benchmarking.config import expand_grid
-from anomalib_anomalyclip.benchmarking.results import (
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
+from anomalyclip_bench import BenchmarkConfigError, load_config, parse_config
+from anomalyclip_bench.chart import plot_means
+from anomalyclip_bench.cli import main
+from anomalyclip_bench.config import expand_grid
+from anomalyclip_bench.results import (
     FAILED,
     MEAN,
     OK,
@@ -26,8 +27,7 @@ from anomalib_anomalyclip.benchmarking.results import (
     results_table,
     write_markdown,
 )
-from anomalib_anomalyclip.benchmarking.runner import BenchmarkRunner, Progress, check_classes
-from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
+from anomalyclip_bench.runner import BenchmarkRunner, Progress, check_classes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs" / "benchmark"
@@ -376,8 +376,8 @@ def test_anomalyclip_is_built_once_per_dataset_and_scores_as_if_rebuilt(
 ) -> None:
     """Reused across categories and scored once per image, zero-shot AnomalyCLIP reports what a rebuilt, validated
     model (anomalib's Engine.fit + test, as before) reports."""
-    from anomalib_anomalyclip.benchmarking import runner as runner_module
     from anomalib_anomalyclip.dpam import DualPathVisualEncoder
+    from anomalyclip_bench import runner as runner_module
 
     content = {
         "output_dir": "unused",
@@ -451,10 +451,12 @@ def test_failures_become_rows_and_a_broken_model_is_built_once(data_root: Path, 
 
 
 def test_console_script_dry_run_and_config_errors(tmp_path: Path) -> None:
-    script = Path(sys.executable).with_name("anomalyclip-benchmark")
+    assert 'anomalyclip-benchmark = "anomalyclip_bench.cli:main"' in (REPO_ROOT / "pyproject.toml").read_text()
+    # `python -m anomalyclip_bench` runs the same main as the console script, from this checkout.
     result = subprocess.run(
-        [str(script), "--config", str(CONFIG_DIR / "mvtec_from_visa.yaml"), "--categories", "bottle", "--dry-run"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [sys.executable, "-m", "anomalyclip_bench", "--config", str(CONFIG_DIR / "mvtec_from_visa.yaml"),
+         "--categories", "bottle", "--dry-run"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=REPO_ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:] == [

@@ -32,12 +32,12 @@ from anomalib.data.utils import ValSplitMode
 from anomalib.engine import Engine
 from torchmetrics.functional.classification import binary_auroc
 
-from ..data.auxiliary import AuxiliaryDataModule
-from ..data.images import list_image_files, read_image, read_mask
-from ..few_shot import FewShotFusion, FewShotScorer, choose_references
-from ..inference_model import score_features
-from ..lightning_model import AnomalyCLIP
-from ..testing.toy_data import make_mvtec_like_dataset
+from anomalib_anomalyclip.data.auxiliary import AuxiliaryDataModule
+from anomalib_anomalyclip.data.images import list_image_files, read_image, read_mask
+from anomalib_anomalyclip.few_shot import FewShotFusion, FewShotScorer, choose_references
+from anomalib_anomalyclip.inference_model import score_features
+from anomalib_anomalyclip.lightning_model import AnomalyCLIP
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 AUXILIARY_KINDS = {
     "aux_texture_a": "texture",
