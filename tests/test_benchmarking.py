@@ -107,26 +107,53 @@ def test_select_by_base_name_dataset_and_category() -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (_config(extra=1), "unknown key"),
+        (_config(extra=1), "Option 'extra' is not accepted"),
+        (_config(seed="x"), r'(?s)Parser key "seed".*Got value: x'),
+        (_config(trainer=[1]), r'Parser key "trainer"'),
         (_config(models=[]), "`models` must be a non-empty list"),
-        (_config(models=[{"name": "P"}]), "needs a `class_path`"),
+        (_config(models=[{"name": "P"}]), r"models\[0\]: Option 'class_path' is required"),
+        (_config(models=[{"class_path": "Patchcore", "init_args": [1]}]), r'models\[0\]: Parser key "init_args"'),
         (
             _config(models=[{"class_path": "Patchcore"}, {"class_path": "Patchcore"}]),
             "appear twice on the same dataset",
         ),
         (_config(models=[{"class_path": "Patchcore", "datasets": ["nope"]}]), "Unknown dataset"),
-        (_config(models=[{"class_path": "Patchcore", "init_args": {"x": {"grid": []}}}]), "non-empty list"),
-        (_config(models=[{"class_path": "AnomalyCLIP", "train": {"epochs": 1}}]), "unknown key"),
+        (
+            _config(models=[{"class_path": "Patchcore", "init_args": {"x": {"grid": []}}}]),
+            r"models\[0\]\.init_args\.x\.grid must be a non-empty list",
+        ),
+        (
+            _config(models=[{"class_path": "AnomalyCLIP", "train": {"epochs": 1}}]),
+            r"""(?s)models\[0\]: Parser key "train".*Option 'epochs' is not accepted""",
+        ),
+        (_config(models=[{"class_path": "AnomalyCLIP", "train": {}}]), r"models\[0\]\.train needs `data`"),
         (
             _config(datasets=[{"class_path": "MVTecAD", "init_args": {"category": "a"}, "categories": ["a"]}]),
             "not both",
         ),
-        (_config(datasets=[{"class_path": "MVTecAD", "metrics": ["voxel"]}]), "`metrics` must list levels"),
+        (_config(datasets=[{"class_path": "MVTecAD", "metrics": ["voxel"]}]), r'(?s)Parser key "metrics".*voxel'),
+        (_config(datasets=[{"class_path": "MVTecAD", "categories": "a"}]), r'datasets\[0\]: Parser key "categories"'),
+        (_config(datasets=[{"class_path": "MVTecAD", "download": "maybe"}]), r'Parser key "download"'),
+        (_config(datasets=[{"class_path": "MVTecAD", "bogus": 1}]), r"datasets\[0\]: Option 'bogus' is not accepted"),
     ],
 )
 def test_invalid_configs_are_rejected_with_the_reason(content: dict, message: str) -> None:
     with pytest.raises(BenchmarkConfigError, match=message):
         parse_config(content)
+
+
+def test_a_configuration_that_is_not_a_mapping_is_rejected() -> None:
+    with pytest.raises(BenchmarkConfigError, match="must be a mapping"):
+        parse_config([1])
+
+
+def test_nested_class_specs_and_grids_are_kept_as_written() -> None:
+    pre_processor = {"class_path": "anomalib.pre_processing.PreProcessor", "init_args": {"transform": None}}
+    init_args = {"pre_processor": pre_processor, "layers": [{"class_path": "X"}], "k": {"grid": [1, 2]}}
+    config = parse_config(_config(models=[{"class_path": "Patchcore", "init_args": init_args}]))
+    assert [model.init_args for model in config.models] == [
+        {"pre_processor": pre_processor, "layers": [{"class_path": "X"}], "k": k} for k in (1, 2)
+    ]
 
 
 def test_a_model_name_may_repeat_on_other_datasets() -> None:
@@ -450,7 +477,7 @@ def test_failures_become_rows_and_a_broken_model_is_built_once(data_root: Path, 
     assert (tmp_path / "out" / "failures.log").read_text().count("Traceback") == 2
 
 
-def test_console_script_dry_run_and_config_errors(tmp_path: Path) -> None:
+def test_console_script_dry_run_and_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert 'anomalyclip-benchmark = "anomalyclip_bench.cli:main"' in (REPO_ROOT / "pyproject.toml").read_text()
     # `python -m anomalyclip_bench` runs the same main as the console script, from this checkout.
     result = subprocess.run(
@@ -466,3 +493,6 @@ def test_console_script_dry_run_and_config_errors(tmp_path: Path) -> None:
     ]
     bad = _write_config(tmp_path / "bad.yaml", _config(models=[{"class_path": "NoSuchModel"}]))
     assert main(["--config", str(bad), "--dry-run"]) == 2
+    unknown_key = _write_config(tmp_path / "unknown_key.yaml", _config(models=[{"class_path": "Patchcore", "x": 1}]))
+    assert main(["--config", str(unknown_key), "--dry-run"]) == 2
+    assert "models[0]: Option 'x' is not accepted" in capsys.readouterr().err
