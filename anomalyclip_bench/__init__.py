@@ -8,9 +8,9 @@ jsonargparse), :mod:`.runner` (anomalib Engine runs, train-once, failures as row
 are imported when a run starts.
 
 The scripts in ``benchmarks/`` use the rest: :mod:`.few_shot_study` and :mod:`.synthetic_study` (the README's
-few-shot and synthetic-anomaly numbers, on generated data), :mod:`.throughput` (FLOPs and utilisation),
-:mod:`.process_memory` (peak memory) and :mod:`.reference_anomalyclip` (the reference implementation, from a local
-checkout).
+few-shot and synthetic-anomaly numbers, on generated data), :mod:`.features` (the studies' access to the model's
+features and prompts), :mod:`.throughput` (FLOPs and utilisation), :mod:`.process_memory` (peak memory) and
+:mod:`.reference_anomalyclip` (the reference implementation, from a local checkout).
 """
 
 from .config import BenchmarkConfig, BenchmarkConfigError, load_config, parse_config
