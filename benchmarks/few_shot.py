@@ -2,7 +2,7 @@ r"""Few-shot gain study: zero-shot vs k normal references, each fusion, on gener
 
 Trains prompts on generated auxiliary categories, then scores generated target categories
 (texture, object on a background, grayscale) that no prompt saw, zero-shot and with
-k references (see :mod:`anomalib_anomalyclip.benchmarking.few_shot_study`). Prints one row
+k references (see :mod:`anomalyclip_bench.few_shot_study`). Prints one row
 per category, k and fusion, then the mean table of the README.
 
 ``--false-alarms N`` then sets thresholds from normal images only (a ``from_train``
@@ -24,7 +24,10 @@ import tempfile
 from pathlib import Path
 
 from anomalib_anomalyclip import AnomalyCLIP
-from anomalib_anomalyclip.benchmarking.few_shot_study import (
+from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
+from anomalyclip_bench.features import save_prompts
+from anomalyclip_bench.few_shot_study import (
     TARGET_KINDS,
     StudyConfig,
     evaluate,
@@ -33,8 +36,6 @@ from anomalib_anomalyclip.benchmarking.few_shot_study import (
     markdown_table,
     train_prompts,
 )
-from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
-from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
         model = train_prompts(auxiliary, clip_path, work_dir / "runs", config)
         rows = evaluate(model, targets, config)
         if args.false_alarms:
-            prompts = model.model.prompt_learner.state_dict()
+            prompts = save_prompts(model.model, work_dir / "prompts.pt")
             far = _false_alarms(work_dir, clip_path, prompts, config, args.false_alarms, args.normal_quantile)
     for row in rows:
         print(
@@ -74,7 +75,7 @@ def main() -> None:
 
 
 def _false_alarms(
-    work_dir: Path, clip_path: Path, prompts: dict, config: StudyConfig, count: int, quantile: float
+    work_dir: Path, clip_path: Path, prompts: Path, config: StudyConfig, count: int, quantile: float
 ) -> dict[tuple[str, int], float]:
     root = make_mvtec_like_dataset(
         work_dir / "normals", list(TARGET_KINDS), image_size=config.image_size, n_train_good=count,
@@ -84,11 +85,9 @@ def _false_alarms(
     for category in TARGET_KINDS:
         for k_shot in (0, 4):
             model = AnomalyCLIP(
-                pretrained=str(clip_path), image_size=config.image_size, k_shot=k_shot,
-                normal_quantile=quantile, visualizer=False, train_prompts=False,
+                pretrained=str(clip_path), image_size=config.image_size, prompt_weights=str(prompts),
+                k_shot=k_shot, normal_quantile=quantile, visualizer=False, train_prompts=False,
             )  # fmt: skip
-            model.model.prompt_learner.load_state_dict(prompts)
-            model.prompts_ready = True
             rates[(category, k_shot)] = false_alarm_rate(model, root, category, work_dir / "far", config.seed)
     return rates
 

@@ -16,7 +16,7 @@ process on the same images, one image per call after one warm-up call:
 * ``clip-visual-fp32``: open_clip's plain visual forward at the same size (no DPAM, no
   scoring), a yardstick that relates the figures to plain CLIP measured in the same run;
 * ``reference-fp32`` (with ``--reference-repo``): the reference implementation's own code
-  (a local checkout of github.com/zqhang/AnomalyCLIP, see ``reference_anomalyclip.py``)
+  (a local checkout of github.com/zqhang/AnomalyCLIP, see ``anomalyclip_bench/reference_anomalyclip.py``)
   with the same weights and prompts, doing per image what its ``test.py`` does.
 
 ``--device cuda`` runs the PyTorch flavours (eager, ``torch``, plain CLIP, reference) on
@@ -31,7 +31,7 @@ allocator's peak for that batch size), and the largest absolute difference of it
 ``pred_score`` and ``anomaly_map`` from eager fp32 at the first batch size.
 
 The model's FLOPs per image are counted once, on eager fp32 (see
-:mod:`anomalib_anomalyclip.benchmarking.throughput`), and used for every flavour, the
+:mod:`anomalyclip_bench.throughput`), and used for every flavour, the
 reference's included (it does the same work). MFU is measured against ``--peak-tflops``,
 or on CUDA against the published dense bf16 peak of the GPU found by its name (H100, H200,
 A100, L4), whatever precision the flavour runs in.
@@ -64,10 +64,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from process_memory import peak_resident_mb
 
-from anomalib_anomalyclip.benchmarking.report import processor_name
-from anomalib_anomalyclip.benchmarking.throughput import (
+from anomalyclip_bench.process_memory import peak_resident_mb
+from anomalyclip_bench.report import processor_name
+from anomalyclip_bench.throughput import (
     count_flops,
     cyclic_batches,
     model_flops_utilisation,
@@ -401,10 +401,10 @@ def plain_clip_visual(args: argparse.Namespace) -> Callable[[torch.Tensor], None
 def reference_implementation(args: argparse.Namespace, work_dir: Path) -> Callable[[torch.Tensor], Any]:
     """The reference code with the weights and prompts of ``build_model`` (same seed, same prompt file)."""
     from anomalib.data import InferenceBatch
-    from reference_anomalyclip import load_reference
 
     from anomalib_anomalyclip.backbone import load_clip
     from anomalib_anomalyclip.prompts import read_prompt_checkpoint
+    from anomalyclip_bench.reference_anomalyclip import load_reference
 
     torch.manual_seed(MODEL_SEED)  # the random CLIP of build_model: same seed, same loader
     state_dict = load_clip(args.backbone, pretrained=None).state_dict()

@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from process_memory import peak_resident_mb
+from anomalyclip_bench.process_memory import peak_resident_mb
 
 MODES = ("extract", "cached", "uncached")
 FLOOR = "floor"

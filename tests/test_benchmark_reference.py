@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
 from anomalib_anomalyclip.prompts import convert_reference_state
-
-ADAPTER = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_anomalyclip.py"
+from anomalyclip_bench import reference_anomalyclip
 
 
 @pytest.fixture(scope="module")
 def adapter():
-    spec = importlib.util.spec_from_file_location("reference_anomalyclip", ADAPTER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return reference_anomalyclip
 
 
 def test_prompts_map_onto_the_reference_layout_and_back(adapter) -> None:

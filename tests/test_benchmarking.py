@@ -13,11 +13,12 @@ import pytest
 import torch
 import yaml
 
-from anomalib_anomalyclip.benchmarking import BenchmarkConfigError, load_config, parse_config
-from anomalib_anomalyclip.benchmarking.chart import plot_means
-from anomalib_anomalyclip.benchmarking.cli import main
-from anomalib_anomalyclip.benchmarking.config import expand_grid
-from anomalib_anomalyclip.benchmarking.results import (
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
+from anomalyclip_bench import BenchmarkConfigError, load_config, parse_config
+from anomalyclip_bench.chart import plot_means
+from anomalyclip_bench.cli import main
+from anomalyclip_bench.config import expand_grid
+from anomalyclip_bench.results import (
     FAILED,
     MEAN,
     OK,
@@ -26,8 +27,7 @@ from anomalib_anomalyclip.benchmarking.results import (
     results_table,
     write_markdown,
 )
-from anomalib_anomalyclip.benchmarking.runner import BenchmarkRunner, Progress, check_classes
-from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
+from anomalyclip_bench.runner import BenchmarkRunner, Progress, check_classes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs" / "benchmark"
@@ -107,26 +107,53 @@ def test_select_by_base_name_dataset_and_category() -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (_config(extra=1), "unknown key"),
+        (_config(extra=1), "Option 'extra' is not accepted"),
+        (_config(seed="x"), r'(?s)Parser key "seed".*Got value: x'),
+        (_config(trainer=[1]), r'Parser key "trainer"'),
         (_config(models=[]), "`models` must be a non-empty list"),
-        (_config(models=[{"name": "P"}]), "needs a `class_path`"),
+        (_config(models=[{"name": "P"}]), r"models\[0\]: Option 'class_path' is required"),
+        (_config(models=[{"class_path": "Patchcore", "init_args": [1]}]), r'models\[0\]: Parser key "init_args"'),
         (
             _config(models=[{"class_path": "Patchcore"}, {"class_path": "Patchcore"}]),
             "appear twice on the same dataset",
         ),
         (_config(models=[{"class_path": "Patchcore", "datasets": ["nope"]}]), "Unknown dataset"),
-        (_config(models=[{"class_path": "Patchcore", "init_args": {"x": {"grid": []}}}]), "non-empty list"),
-        (_config(models=[{"class_path": "AnomalyCLIP", "train": {"epochs": 1}}]), "unknown key"),
+        (
+            _config(models=[{"class_path": "Patchcore", "init_args": {"x": {"grid": []}}}]),
+            r"models\[0\]\.init_args\.x\.grid must be a non-empty list",
+        ),
+        (
+            _config(models=[{"class_path": "AnomalyCLIP", "train": {"epochs": 1}}]),
+            r"""(?s)models\[0\]: Parser key "train".*Option 'epochs' is not accepted""",
+        ),
+        (_config(models=[{"class_path": "AnomalyCLIP", "train": {}}]), r"models\[0\]\.train needs `data`"),
         (
             _config(datasets=[{"class_path": "MVTecAD", "init_args": {"category": "a"}, "categories": ["a"]}]),
             "not both",
         ),
-        (_config(datasets=[{"class_path": "MVTecAD", "metrics": ["voxel"]}]), "`metrics` must list levels"),
+        (_config(datasets=[{"class_path": "MVTecAD", "metrics": ["voxel"]}]), r'(?s)Parser key "metrics".*voxel'),
+        (_config(datasets=[{"class_path": "MVTecAD", "categories": "a"}]), r'datasets\[0\]: Parser key "categories"'),
+        (_config(datasets=[{"class_path": "MVTecAD", "download": "maybe"}]), r'Parser key "download"'),
+        (_config(datasets=[{"class_path": "MVTecAD", "bogus": 1}]), r"datasets\[0\]: Option 'bogus' is not accepted"),
     ],
 )
 def test_invalid_configs_are_rejected_with_the_reason(content: dict, message: str) -> None:
     with pytest.raises(BenchmarkConfigError, match=message):
         parse_config(content)
+
+
+def test_a_configuration_that_is_not_a_mapping_is_rejected() -> None:
+    with pytest.raises(BenchmarkConfigError, match="must be a mapping"):
+        parse_config([1])
+
+
+def test_nested_class_specs_and_grids_are_kept_as_written() -> None:
+    pre_processor = {"class_path": "anomalib.pre_processing.PreProcessor", "init_args": {"transform": None}}
+    init_args = {"pre_processor": pre_processor, "layers": [{"class_path": "X"}], "k": {"grid": [1, 2]}}
+    config = parse_config(_config(models=[{"class_path": "Patchcore", "init_args": init_args}]))
+    assert [model.init_args for model in config.models] == [
+        {"pre_processor": pre_processor, "layers": [{"class_path": "X"}], "k": k} for k in (1, 2)
+    ]
 
 
 def test_a_model_name_may_repeat_on_other_datasets() -> None:
@@ -376,8 +403,8 @@ def test_anomalyclip_is_built_once_per_dataset_and_scores_as_if_rebuilt(
 ) -> None:
     """Reused across categories and scored once per image, zero-shot AnomalyCLIP reports what a rebuilt, validated
     model (anomalib's Engine.fit + test, as before) reports."""
-    from anomalib_anomalyclip.benchmarking import runner as runner_module
     from anomalib_anomalyclip.dpam import DualPathVisualEncoder
+    from anomalyclip_bench import runner as runner_module
 
     content = {
         "output_dir": "unused",
@@ -450,11 +477,13 @@ def test_failures_become_rows_and_a_broken_model_is_built_once(data_root: Path, 
     assert (tmp_path / "out" / "failures.log").read_text().count("Traceback") == 2
 
 
-def test_console_script_dry_run_and_config_errors(tmp_path: Path) -> None:
-    script = Path(sys.executable).with_name("anomalyclip-benchmark")
+def test_console_script_dry_run_and_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert 'anomalyclip-benchmark = "anomalyclip_bench.cli:main"' in (REPO_ROOT / "pyproject.toml").read_text()
+    # `python -m anomalyclip_bench` runs the same main as the console script, from this checkout.
     result = subprocess.run(
-        [str(script), "--config", str(CONFIG_DIR / "mvtec_from_visa.yaml"), "--categories", "bottle", "--dry-run"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [sys.executable, "-m", "anomalyclip_bench", "--config", str(CONFIG_DIR / "mvtec_from_visa.yaml"),
+         "--categories", "bottle", "--dry-run"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=REPO_ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:] == [
@@ -464,3 +493,6 @@ def test_console_script_dry_run_and_config_errors(tmp_path: Path) -> None:
     ]
     bad = _write_config(tmp_path / "bad.yaml", _config(models=[{"class_path": "NoSuchModel"}]))
     assert main(["--config", str(bad), "--dry-run"]) == 2
+    unknown_key = _write_config(tmp_path / "unknown_key.yaml", _config(models=[{"class_path": "Patchcore", "x": 1}]))
+    assert main(["--config", str(unknown_key), "--dry-run"]) == 2
+    assert "models[0]: Option 'x' is not accepted" in capsys.readouterr().err

@@ -174,7 +174,7 @@ def test_bad_reference_sources_are_explained(tiny_clip_path: Path, tiny_prompt_p
 def test_references_beat_zero_shot_on_categories_no_prompt_was_trained_on(tmp_path: Path, tiny_clip_path: Path) -> None:
     import dataclasses
 
-    from anomalib_anomalyclip.benchmarking.few_shot_study import (
+    from anomalyclip_bench.few_shot_study import (
         StudyConfig,
         evaluate,
         generate,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +28,48 @@ def test_import_is_light() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert result.stdout.strip() == ""
+
+
+# The export extra (pyproject's [project.optional-dependencies]): a module that needs one of these may be skipped.
+OPTIONAL_DEPENDENCIES = ("openvino", "onnx", "onnxscript", "nncf")
+
+# anomalib.models first, as anomalib's tools load the package: importing some modules first in a fresh interpreter
+# (callbacks, checkpoints) starts the registration hook half-way through their own import (a circular import).
+_IMPORT_EVERY_MODULE = """
+import importlib, json, pkgutil, sys
+import anomalib.models
+import anomalib_anomalyclip
+optional, walked, skipped, failed = set(sys.argv[1:]), [], {}, {}
+def failure(name):
+    error = sys.exc_info()[1]
+    missing = getattr(error, "name", None) if isinstance(error, ImportError) else None
+    if missing and missing.split(".")[0] in optional:
+        skipped[name] = missing
+    else:
+        failed[name] = repr(error)
+for module in pkgutil.walk_packages(anomalib_anomalyclip.__path__, "anomalib_anomalyclip.", onerror=failure):
+    walked.append(module.name)
+    try:
+        importlib.import_module(module.name)
+    except Exception:
+        failure(module.name)
+bench = sorted(name for name in sys.modules if name.partition(".")[0] == "anomalyclip_bench")
+print(json.dumps({"walked": walked, "skipped": skipped, "failed": failed, "bench": bench}))
+"""
+
+
+def test_the_library_never_imports_the_benchmark_tooling() -> None:
+    """Every module of anomalib_anomalyclip imports without anomalyclip_bench (the tooling depends on the library,
+    never the reverse)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EVERY_MODULE, *OPTIONAL_DEPENDENCIES],
+        capture_output=True, text=True, check=True, env=env, cwd=REPO_ROOT, timeout=600,
+    )  # fmt: skip
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"anomalib_anomalyclip.torch_model", "anomalib_anomalyclip.testing.toy_data"} <= set(report["walked"])
+    assert report["failed"] == {}
+    assert report["bench"] == []
 
 
 def test_public_names() -> None:

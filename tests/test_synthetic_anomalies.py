@@ -136,8 +136,8 @@ def test_cli_fine_tunes_released_prompts_and_writes_the_checkpoint_and_preview(
 def test_prompts_adapted_on_normal_images_score_real_defects_better(
     tmp_path: Path, tiny_clip_path: Path, tiny_prompt_path: Path
 ) -> None:
-    from anomalib_anomalyclip.benchmarking.few_shot_study import StudyConfig, mean_by_setting
-    from anomalib_anomalyclip.benchmarking.synthetic_study import SyntheticConfig, run_study
+    from anomalyclip_bench.few_shot_study import StudyConfig, mean_by_setting
+    from anomalyclip_bench.synthetic_study import SyntheticConfig, run_study
 
     data = StudyConfig(image_size=64, shots=(), n_train_good=8, n_test=8)
     config = SyntheticConfig(data=data, epochs=5, lr=3e-3)

@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from anomalib_anomalyclip import AnomalyCLIP
-from anomalib_anomalyclip.benchmarking.throughput import (
+from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig
+from anomalyclip_bench.throughput import (
     count_flops,
     cyclic_batches,
     model_flops_utilisation,
     published_peak_tflops,
 )
-from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig
 
 IMAGE_SIZE = 56
 

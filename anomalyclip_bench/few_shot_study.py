@@ -32,12 +32,14 @@ from anomalib.data.utils import ValSplitMode
 from anomalib.engine import Engine
 from torchmetrics.functional.classification import binary_auroc
 
-from ..data.auxiliary import AuxiliaryDataModule
-from ..data.images import list_image_files, read_image, read_mask
-from ..few_shot import FewShotFusion, FewShotScorer, choose_references
-from ..inference_model import score_features
-from ..lightning_model import AnomalyCLIP
-from ..testing.toy_data import make_mvtec_like_dataset
+from anomalib_anomalyclip.data.auxiliary import AuxiliaryDataModule
+from anomalib_anomalyclip.data.images import list_image_files, read_image, read_mask
+from anomalib_anomalyclip.dpam import Tap
+from anomalib_anomalyclip.few_shot import FewShotFusion, choose_references
+from anomalib_anomalyclip.lightning_model import AnomalyCLIP
+from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
+
+from .features import VisualFeatures, encode_images, feature_taps, scores_from_features
 
 AUXILIARY_KINDS = {
     "aux_texture_a": "texture",
@@ -80,13 +82,6 @@ class Row:
     fusion: str
     image_auroc: float
     pixel_auroc: float
-
-
-@dataclass
-class _Encoded:
-    global_embedding: torch.Tensor
-    patch_tokens: list[torch.Tensor]
-    bank_tokens: list[torch.Tensor]
 
 
 def generate(root: Path, config: StudyConfig) -> tuple[Path, Path]:
@@ -153,47 +148,28 @@ def evaluate(model: AnomalyCLIP, targets: Path, config: StudyConfig) -> list[Row
 def evaluate_category(model: AnomalyCLIP, folder: Path, category: str, kind: str, config: StudyConfig) -> list[Row]:
     """Zero-shot and few-shot rows (each k and fusion) of one generated category's test split."""
     torch_model = model.model.eval()
-    taps = torch_model.visual_encoder.feature_taps
+    taps = feature_taps(torch_model)  # the bank reads the feature layers' tokens
+    size = (config.image_size, config.image_size)
     test_paths = list_image_files(folder / "test")
     labels = torch.tensor([0 if path.parent.name == "good" else 1 for path in test_paths])
     masks = torch.stack([_mask(folder, path, config.image_size) for path in test_paths])
     test = _encode(model, test_paths, taps)
     pool = [str(path) for path in list_image_files(folder / "train" / "good")]
-    rows = [_row(category, kind, 0, "zero_shot", _score(model, test, None, config), labels, masks)]
+    rows = [_row(category, kind, 0, "zero_shot", scores_from_features(torch_model, test, size), labels, masks)]
     for k_shot in config.shots:
         references = choose_references(pool, k_shot, config.seed, f"{category}/train/good")
-        bank = _encode(model, [Path(path) for path in references], taps).bank_tokens
+        bank = _encode(model, [Path(path) for path in references], taps).extra_tokens
         for fusion in FewShotFusion:
-            scorer = FewShotScorer(taps, fusion, torch_model.visual_encoder.output_dim)
+            scorer = torch_model.build_few_shot_scorer(taps, fusion)
             scorer.remember(bank)
-            rows.append(_row(category, kind, k_shot, fusion.value, _score(model, test, scorer, config), labels, masks))
+            outputs = scores_from_features(torch_model, test, size, scorer)
+            rows.append(_row(category, kind, k_shot, fusion.value, outputs, labels, masks))
     return rows
 
 
-def _encode(model: AnomalyCLIP, paths: Sequence[Path], bank_taps: Sequence) -> _Encoded:
-    encoder = model.model.visual_encoder
+def _encode(model: AnomalyCLIP, paths: Sequence[Path], bank_taps: Sequence[Tap]) -> VisualFeatures:
     images = torch.cat([model.pre_processor.transform(read_image(path).unsqueeze(0)) for path in paths])
-    feature_taps = encoder.feature_taps
-    with torch.no_grad():
-        global_embedding, tokens = encoder(images, feature_taps + tuple(bank_taps))
-    return _Encoded(global_embedding, tokens[: len(feature_taps)], tokens[len(feature_taps) :])
-
-
-def _score(model: AnomalyCLIP, encoded: _Encoded, scorer: FewShotScorer | None, config: StudyConfig):
-    torch_model = model.model
-    size = (config.image_size, config.image_size)
-    grid = torch_model.visual_encoder.grid_size(size)
-    with torch.no_grad():
-        return score_features(
-            encoded.global_embedding,
-            encoded.patch_tokens,
-            grid,
-            size,
-            torch_model.smoothing,
-            torch_model.inference_text_features(),
-            scorer,
-            encoded.bank_tokens,
-        )
+    return encode_images(model.model, images, bank_taps)
 
 
 def _mask(folder: Path, image: Path, size: int) -> torch.Tensor:

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..lightning_model import AnomalyCLIP
+from anomalib_anomalyclip.lightning_model import AnomalyCLIP
+
 from .few_shot_study import (
     TARGET_KINDS,
     Row,

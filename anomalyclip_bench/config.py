@@ -22,39 +22,106 @@ Example (see ``configs/benchmark/`` and ``docs/benchmark.md``)::
         datasets: [MVTec AD]                    # optional: run this model on these datasets only
 
 A value ``{class_path: ..., init_args: {...}}`` inside ``init_args`` is instantiated (e.g. a pre-processor).
+
+The file is read by ``jsonargparse`` into the dataclasses :class:`ConfigFile`, :class:`DatasetEntry` and
+:class:`ModelEntry`: an unknown key or a value of the wrong type is refused with the parser's message, prefixed
+by where it is (``models[1]: ...``). What types cannot say (empty lists, duplicate names, a dataset name that does
+not exist) is checked after parsing. ``{grid: [...]}`` values are expanded by anomalib's grid iterator.
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 import json
+from argparse import ArgumentError
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
+from jsonargparse import ArgumentParser
 
 __all__ = [
     "METRIC_LEVELS",
     "BenchmarkConfig",
     "BenchmarkConfigError",
+    "ConfigFile",
+    "DatasetEntry",
     "DatasetSpec",
     "Job",
+    "ModelEntry",
     "ModelSpec",
     "expand_grid",
     "load_config",
     "parse_config",
 ]
 
-METRIC_LEVELS: tuple[str, ...] = ("image", "pixel")
+MetricLevel = Literal["image", "pixel"]
+METRIC_LEVELS: tuple[MetricLevel, ...] = get_args(MetricLevel)
 """Metric levels a dataset can report: image-level (needs normal and anomalous images) and pixel-level (masks)."""
 
 GRID_KEY = "grid"
-_TOP_KEYS = frozenset({"output_dir", "seed", "trainer", "datasets", "models"})
-_DATASET_KEYS = frozenset({"name", "class_path", "init_args", "categories", "metrics", "download"})
-_MODEL_KEYS = frozenset({"name", "class_path", "init_args", "train", "datasets"})
-_TRAIN_KEYS = frozenset({"data"})
+_Entry = TypeVar("_Entry")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The file's format, as jsonargparse reads it
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClassEntry:
+    """A class and its arguments: ``{class_path: ..., init_args: {...}}``.
+
+    ``init_args`` is a plain mapping: its values (nested class specs and ``{grid: [...]}`` included) are kept as
+    written and only built when a run starts.
+    """
+
+    class_path: str
+    init_args: dict | None = None
+
+
+@dataclass
+class TrainEntry:
+    """A model's ``train`` section: the datamodule its prompts are learned on once, before the evaluations."""
+
+    data: ClassEntry
+
+
+@dataclass
+class DatasetEntry(ClassEntry):
+    """One entry of ``datasets`` (see :class:`DatasetSpec`); ``metrics`` lists its levels."""
+
+    name: str | None = None
+    categories: list[str] | None = None
+    metrics: list[MetricLevel] | None = None
+    download: bool = False
+
+
+@dataclass
+class ModelEntry(ClassEntry):
+    """One entry of ``models`` (see :class:`ModelSpec`); ``datasets`` names the datasets it runs on."""
+
+    name: str | None = None
+    train: TrainEntry | None = None
+    datasets: list[str] | None = None
+
+
+@dataclass
+class ConfigFile:
+    """The top level of the file (see :class:`BenchmarkConfig`).
+
+    ``datasets`` and ``models`` are read entry by entry into :class:`DatasetEntry` and :class:`ModelEntry`: so a
+    message says which entry is wrong, and jsonargparse, which takes a list item with a ``class_path`` for a
+    subclass spec, reads each entry as the dataclass it is.
+    """
+
+    datasets: list[dict]
+    models: list[dict]
+    output_dir: str | None = None
+    seed: int = 42
+    trainer: dict | None = None
 
 
 class BenchmarkConfigError(ValueError):
@@ -79,7 +146,7 @@ class DatasetSpec:
     class_path: str
     init_args: Mapping[str, Any] = field(default_factory=dict)
     categories: tuple[str | None, ...] = (None,)
-    levels: tuple[str, ...] = METRIC_LEVELS
+    levels: tuple[MetricLevel, ...] = METRIC_LEVELS
     download: bool = False
 
 
@@ -251,119 +318,112 @@ def parse_config(content: Any, source: str = "the configuration") -> BenchmarkCo
         The parsed configuration.
 
     Raises:
-        BenchmarkConfigError: On a missing or unknown key, a wrong type, or duplicate names.
+        BenchmarkConfigError: On a missing or unknown key, a wrong type, an empty list or grid, or duplicate names.
     """
-    content = _mapping(content, source, _TOP_KEYS)
-    datasets = tuple(_parse_dataset(spec, f"datasets[{i}]") for i, spec in enumerate(_list(content, "datasets")))
+    top = _parse(ConfigFile, content, source)
+    dataset_entries = enumerate(_non_empty(top.datasets, "datasets"))
+    datasets = tuple(_dataset_spec(spec, f"datasets[{i}]") for i, spec in dataset_entries)
     _check_unique([dataset.name for dataset in datasets], "dataset")
-    models = tuple(_expand_models(_list(content, "models"), [dataset.name for dataset in datasets]))
+    models = tuple(_expand_models(_non_empty(top.models, "models"), [dataset.name for dataset in datasets]))
     _check_unique_pairs(models, datasets)
     return BenchmarkConfig(
         models=models,
         datasets=datasets,
-        output_dir=Path(content.get("output_dir") or "results/benchmark"),
-        seed=int(content.get("seed", 42)),
-        trainer=dict(_mapping(content.get("trainer") or {}, "trainer")),
+        output_dir=Path(top.output_dir or "results/benchmark"),
+        seed=top.seed,
+        trainer=dict(top.trainer or {}),
     )
 
 
-def _mapping(value: Any, where: str, allowed: frozenset[str] | None = None) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        msg = f"{where} must be a mapping, got {type(value).__name__}: {value!r}."
+def _parse(entry_type: type[_Entry], content: Any, where: str) -> _Entry:
+    """``content`` read into ``entry_type`` by jsonargparse; its message, prefixed by ``where``, on a bad key/type."""
+    if not isinstance(content, Mapping):
+        msg = f"{where} must be a mapping, got {type(content).__name__}: {content!r}."
         raise BenchmarkConfigError(msg)
-    unknown = sorted(set(value) - allowed) if allowed is not None else []
-    if unknown:
-        msg = f"{where} has unknown key(s) {unknown}; allowed keys: {sorted(allowed)}."
+    parser = _parser(entry_type)
+    try:
+        namespace = parser.instantiate_classes(parser.parse_object(dict(content)))
+    except (ArgumentError, TypeError, ValueError) as error:  # jsonargparse's message names the key
+        msg = f"{where}: {error}"
+        raise BenchmarkConfigError(msg) from error
+    entry = entry_type(**namespace.as_dict())
+    if isinstance(entry, ModelEntry) and entry.train is None and content.get("train") is not None:
+        msg = f"{where}.train needs `data` (a datamodule's class_path and init_args)."
         raise BenchmarkConfigError(msg)
-    return value
+    return entry
 
 
-def _list(content: Mapping[str, Any], key: str) -> list[Any]:
-    value = content.get(key)
-    if not isinstance(value, list) or not value:
+@functools.cache
+def _parser(entry_type: type) -> ArgumentParser:
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(entry_type)
+    return parser
+
+
+def _non_empty(entries: list[Any], key: str) -> list[Any]:
+    if not entries:
         msg = f"`{key}` must be a non-empty list."
         raise BenchmarkConfigError(msg)
-    return value
+    return entries
 
 
-def _class_path(spec: Mapping[str, Any], where: str) -> str:
-    class_path = spec.get("class_path")
-    if not isinstance(class_path, str) or not class_path:
-        msg = f"{where} needs a `class_path` (a short name such as Patchcore, or a full class path)."
-        raise BenchmarkConfigError(msg)
-    return class_path
+def _class_spec(entry: ClassEntry) -> dict[str, Any]:
+    return {"class_path": entry.class_path, "init_args": dict(entry.init_args or {})}
 
 
-def _init_args(spec: Mapping[str, Any], where: str) -> dict[str, Any]:
-    return dict(_mapping(spec.get("init_args") or {}, f"{where}.init_args"))
-
-
-def _parse_dataset(spec: Any, where: str) -> DatasetSpec:
-    spec = _mapping(spec, where, _DATASET_KEYS)
-    class_path = _class_path(spec, where)
-    init_args = _init_args(spec, where)
-    categories = spec.get("categories")
-    if "category" in init_args and categories is not None:
+def _dataset_spec(content: Any, where: str) -> DatasetSpec:
+    entry = _parse(DatasetEntry, content, where)
+    init_args = dict(entry.init_args or {})
+    if "category" in init_args and entry.categories is not None:
         msg = f"{where}: give either `categories` (one run each) or `init_args.category`, not both."
         raise BenchmarkConfigError(msg)
-    if categories is not None and (not isinstance(categories, list) or not categories):
+    if entry.categories is not None and not entry.categories:
         msg = f"{where}: `categories` must be a non-empty list (or left out for a dataset without categories)."
         raise BenchmarkConfigError(msg)
-    levels = tuple(spec.get("metrics") or METRIC_LEVELS)
-    if not set(levels) <= set(METRIC_LEVELS):
-        msg = f"{where}: `metrics` must list levels from {list(METRIC_LEVELS)}, got {list(levels)}."
-        raise BenchmarkConfigError(msg)
+    levels = set(entry.metrics or METRIC_LEVELS)
     return DatasetSpec(
-        name=str(spec.get("name") or class_path.rsplit(".", 1)[-1]),
-        class_path=class_path,
+        name=entry.name or entry.class_path.rsplit(".", 1)[-1],
+        class_path=entry.class_path,
         init_args=init_args,
-        categories=tuple(str(category) for category in categories) if categories else (None,),
+        categories=tuple(entry.categories) if entry.categories else (None,),
         levels=tuple(level for level in METRIC_LEVELS if level in levels),
-        download=bool(spec.get("download", False)),
+        download=entry.download,
     )
 
 
 def _expand_models(specs: list[Any], dataset_names: Sequence[str]) -> Iterator[ModelSpec]:
     """Parse model entries and expand their argument grids, numbering the results."""
-    expanded = (point for i, spec in enumerate(specs) for point in _parse_model(spec, f"models[{i}]", dataset_names))
+    expanded = (point for i, spec in enumerate(specs) for point in _model_specs(spec, f"models[{i}]", dataset_names))
     for index, model in enumerate(expanded):
         yield replace(model, index=index)
 
 
-def _parse_model(spec: Any, where: str, dataset_names: Sequence[str]) -> list[ModelSpec]:
-    spec = _mapping(spec, where, _MODEL_KEYS)
-    class_path = _class_path(spec, where)
-    name = str(spec.get("name") or class_path.rsplit(".", 1)[-1])
-    datasets = spec.get("datasets")
-    if datasets is not None:
-        _check_names(datasets, dataset_names, f"dataset ({where}.datasets)")
-    train_data = _parse_train(spec.get("train"), f"{where}.train")
+def _model_specs(content: Any, where: str, dataset_names: Sequence[str]) -> list[ModelSpec]:
+    entry = _parse(ModelEntry, content, where)
+    if entry.datasets is not None:
+        _check_names(entry.datasets, dataset_names, f"dataset ({where}.datasets)")
+    name = entry.name or entry.class_path.rsplit(".", 1)[-1]
     return [
         ModelSpec(
             name=name + suffix,
-            class_path=class_path,
+            class_path=entry.class_path,
             init_args=init_args,
-            train_data=train_data,
-            datasets=tuple(datasets) if datasets is not None else None,
+            train_data=_class_spec(entry.train.data) if entry.train is not None else None,
+            datasets=tuple(entry.datasets) if entry.datasets is not None else None,
         )
-        for init_args, suffix in expand_grid(_init_args(spec, where))
+        for init_args, suffix in expand_grid(entry.init_args or {}, f"{where}.init_args")
     ]
 
 
-def _parse_train(spec: Any, where: str) -> Mapping[str, Any] | None:
-    if spec is None:
-        return None
-    data = _mapping(
-        _mapping(spec, where, _TRAIN_KEYS).get("data"), f"{where}.data", frozenset({"class_path", "init_args"})
-    )
-    return {"class_path": _class_path(data, f"{where}.data"), "init_args": _init_args(data, f"{where}.data")}
-
-
-def expand_grid(init_args: Mapping[str, Any]) -> list[tuple[dict[str, Any], str]]:
+def expand_grid(init_args: Mapping[str, Any], where: str = "init_args") -> list[tuple[dict[str, Any], str]]:
     """Expand ``{grid: [...]}`` values of top-level arguments into one argument set per combination.
+
+    The combinations are those of anomalib's grid iterator (``get_iterator_from_grid_dict``, as in anomalib's
+    benchmark pipeline): the last grid varies fastest. The other arguments are passed on as written.
 
     Args:
         init_args: Arguments; a value ``{"grid": [a, b]}`` stands for each of ``a`` and ``b``.
+        where: Where the arguments are, for messages.
 
     Returns:
         ``(arguments, name suffix)`` per combination; the suffix names the grid values, ``" [key=a, other=x]"``,
@@ -372,17 +432,21 @@ def expand_grid(init_args: Mapping[str, Any]) -> list[tuple[dict[str, Any], str]
     Raises:
         BenchmarkConfigError: If a grid is not a non-empty list.
     """
-    grid_keys = [key for key, value in init_args.items() if _is_grid(value)]
-    for key in grid_keys:
-        values = init_args[key][GRID_KEY]
+    grids = {key: value[GRID_KEY] for key, value in init_args.items() if _is_grid(value)}
+    if not grids:
+        return [(dict(init_args), "")]
+    for key, values in grids.items():
         if not isinstance(values, list) or not values:
-            msg = f"init_args.{key}.grid must be a non-empty list of values."
+            msg = f"{where}.{key}.grid must be a non-empty list of values."
             raise BenchmarkConfigError(msg)
+    # Imported here: anomalib.pipelines imports every anomalib model, seconds that configurations without a grid skip.
+    from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
+
     points = []
-    for values in itertools.product(*(init_args[key][GRID_KEY] for key in grid_keys)):
-        chosen = dict(zip(grid_keys, values, strict=True))
+    for chosen in get_iterator_from_grid_dict({key: {GRID_KEY: values} for key, values in grids.items()}):
+        chosen = {key: chosen[key] for key in grids}  # in the order of the arguments
         suffix = " [" + ", ".join(f"{key}={_format_value(value)}" for key, value in chosen.items()) + "]"
-        points.append(({**init_args, **chosen}, suffix if chosen else ""))
+        points.append(({**init_args, **chosen}, suffix))
     return points
 
 

@@ -25,7 +25,7 @@ def plot_means(table: pd.DataFrame, path: Path, title: str = "Benchmark means") 
     Models without any value on a dataset (every category failed) get no bar there; a dataset without values says so.
 
     Args:
-        table: Output of :func:`~anomalib_anomalyclip.benchmarking.results.results_table`.
+        table: Output of :func:`~anomalyclip_bench.results.results_table`.
         path: PNG file to write.
         title: Figure title.
 

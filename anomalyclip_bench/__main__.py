@@ -1,0 +1,5 @@
+"""``python -m anomalyclip_bench``: the same as ``anomalyclip-benchmark``."""
+
+from .cli import main
+
+raise SystemExit(main())
