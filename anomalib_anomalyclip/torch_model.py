@@ -26,11 +26,11 @@ from torch import nn
 
 from .backbone import load_clip
 from .dpam import DpamKind, DualPathVisualEncoder, Tap, TokenPath, check_layers
-from .few_shot import FewShotScorer, FewShotSettings
+from .few_shot import FewShotFusion, FewShotScorer, FewShotSettings
 from .inference_model import AnomalyCLIPInferenceModel, score_features, score_images
 from .mutual import MutualFusion, MutualScoringConfig, fuse_with_prompts
 from .mutual import score_pool as score_mutually
-from .prompts import AGNOSTIC_OBJECT, PromptConfig, PromptLearner, PromptTextEncoder, PromptType
+from .prompts import AGNOSTIC_OBJECT, PromptConfig, PromptLearner, PromptTextEncoder, PromptType, save_prompts
 from .scoring import GaussianSmoothing, patch_probability_maps, similarity_logits
 
 if TYPE_CHECKING:
@@ -47,6 +47,20 @@ class TrainingOutput(NamedTuple):
 
     image_logits: torch.Tensor
     layer_probabilities: list[torch.Tensor]
+
+
+class VisualFeatures(NamedTuple):
+    """The visual features of a batch, computed once and scored as often as needed.
+
+    Attributes:
+        global_embedding: (B, D) global embeddings.
+        patch_tokens: per feature layer, (B, N, D) patch tokens (the zero-shot maps').
+        extra_tokens: per extra tap, (B, N, D) patch tokens (e.g. those a few-shot bank reads).
+    """
+
+    global_embedding: torch.Tensor
+    patch_tokens: list[torch.Tensor]
+    extra_tokens: list[torch.Tensor]
 
 
 class PoolMember(NamedTuple):
@@ -179,10 +193,7 @@ class AnomalyCLIPModel(nn.Module):
 
     def use_few_shot(self, settings: FewShotSettings) -> None:
         """Give the model an empty few-shot bank with ``settings`` (its layers must exist in the backbone)."""
-        check_layers(settings.layers, self.visual_encoder.depth, "few_shot_layers")
-        self.few_shot = FewShotScorer(settings.taps, settings.fusion, self.visual_encoder.output_dim).to(
-            self.text_features.device
-        )
+        self.few_shot = self.new_few_shot_scorer(settings.taps, settings.fusion)
         self.few_shot_settings = settings
 
     def use_mutual_scoring(self, config: MutualScoringConfig) -> None:
@@ -324,7 +335,12 @@ class AnomalyCLIPModel(nn.Module):
         return score_images(self.visual_encoder, self.smoothing, images, text_features, self.few_shot)
 
     def scores_from_features(
-        self, global_embedding: torch.Tensor, patch_tokens: Sequence[torch.Tensor], size: Sequence[int]
+        self,
+        global_embedding: torch.Tensor,
+        patch_tokens: Sequence[torch.Tensor],
+        size: Sequence[int],
+        few_shot: FewShotScorer | None = None,
+        bank_tokens: Sequence[torch.Tensor] = (),
     ) -> InferenceBatch:
         """What ``forward`` returns in eval mode, from already computed visual features (e.g. a feature cache).
 
@@ -332,12 +348,41 @@ class AnomalyCLIPModel(nn.Module):
             global_embedding: (B, D) global embeddings.
             patch_tokens: per feature layer, (B, N, D) patch tokens.
             size: (H, W) of the images the features come from.
+            few_shot: a filled few-shot bank to score with (e.g. :meth:`new_few_shot_scorer`); ``None``: zero-shot.
+            bank_tokens: per tap of ``few_shot``, (B, N, D) patch tokens.
         """
         size = (int(size[0]), int(size[1]))
         grid = self.visual_encoder.grid_size(size)
+        text_features = self.inference_text_features()
         return score_features(
-            global_embedding, patch_tokens, grid, size, self.smoothing, self.inference_text_features()
+            global_embedding, patch_tokens, grid, size, self.smoothing, text_features, few_shot, bank_tokens
         )
+
+    @property
+    def feature_taps(self) -> tuple[Tap, ...]:
+        """Where the anomaly maps read patch tokens: one tap per feature layer."""
+        return self.visual_encoder.feature_taps
+
+    def encode_images(self, images: torch.Tensor, extra_taps: Sequence[Tap] = ()) -> VisualFeatures:
+        """Visual features of CLIP-normalised images (B, 3, H, W) in one pass without gradients.
+
+        Args:
+            images: the batch.
+            extra_taps: further taps read in the same pass (e.g. a few-shot bank's).
+        """
+        taps = self.feature_taps
+        with torch.no_grad():
+            global_embedding, tokens = self.visual_encoder(images, taps + tuple(extra_taps))
+        return VisualFeatures(global_embedding, tokens[: len(taps)], tokens[len(taps) :])
+
+    def new_few_shot_scorer(self, taps: Sequence[Tap], fusion: FewShotFusion | str) -> FewShotScorer:
+        """An empty few-shot bank reading ``taps`` of this model's encoder (``remember`` fills it)."""
+        check_layers([layer for layer, _ in taps], self.visual_encoder.depth, "few_shot_layers")
+        return FewShotScorer(taps, fusion, self.visual_encoder.output_dim).to(self.text_features.device)
+
+    def save_prompts(self, path: str | Path) -> Path:
+        """Save the prompts as a prompt file (usable as ``prompt_weights``); returns ``path``."""
+        return save_prompts(self.prompt_learner, path)
 
     def inference_model(self) -> AnomalyCLIPInferenceModel:
         """The inference path alone: visual encoder, current text features as constants, smoothing.

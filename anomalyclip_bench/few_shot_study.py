@@ -38,8 +38,7 @@ from anomalib_anomalyclip.dpam import Tap
 from anomalib_anomalyclip.few_shot import FewShotFusion, choose_references
 from anomalib_anomalyclip.lightning_model import AnomalyCLIP
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
-
-from .features import VisualFeatures, encode_images, feature_taps, scores_from_features
+from anomalib_anomalyclip.torch_model import VisualFeatures
 
 AUXILIARY_KINDS = {
     "aux_texture_a": "texture",
@@ -148,28 +147,40 @@ def evaluate(model: AnomalyCLIP, targets: Path, config: StudyConfig) -> list[Row
 def evaluate_category(model: AnomalyCLIP, folder: Path, category: str, kind: str, config: StudyConfig) -> list[Row]:
     """Zero-shot and few-shot rows (each k and fusion) of one generated category's test split."""
     torch_model = model.model.eval()
-    taps = feature_taps(torch_model)  # the bank reads the feature layers' tokens
+    taps = torch_model.feature_taps  # the bank reads the feature layers' tokens
     size = (config.image_size, config.image_size)
     test_paths = list_image_files(folder / "test")
     labels = torch.tensor([0 if path.parent.name == "good" else 1 for path in test_paths])
     masks = torch.stack([_mask(folder, path, config.image_size) for path in test_paths])
     test = _encode(model, test_paths, taps)
     pool = [str(path) for path in list_image_files(folder / "train" / "good")]
-    rows = [_row(category, kind, 0, "zero_shot", scores_from_features(torch_model, test, size), labels, masks)]
+    rows = [
+        _row(
+            category,
+            kind,
+            0,
+            "zero_shot",
+            torch_model.scores_from_features(test.global_embedding, test.patch_tokens, size),
+            labels,
+            masks,
+        )
+    ]
     for k_shot in config.shots:
         references = choose_references(pool, k_shot, config.seed, f"{category}/train/good")
         bank = _encode(model, [Path(path) for path in references], taps).extra_tokens
         for fusion in FewShotFusion:
-            scorer = torch_model.build_few_shot_scorer(taps, fusion)
+            scorer = torch_model.new_few_shot_scorer(taps, fusion)
             scorer.remember(bank)
-            outputs = scores_from_features(torch_model, test, size, scorer)
+            outputs = torch_model.scores_from_features(
+                test.global_embedding, test.patch_tokens, size, scorer, test.extra_tokens
+            )
             rows.append(_row(category, kind, k_shot, fusion.value, outputs, labels, masks))
     return rows
 
 
 def _encode(model: AnomalyCLIP, paths: Sequence[Path], bank_taps: Sequence[Tap]) -> VisualFeatures:
     images = torch.cat([model.pre_processor.transform(read_image(path).unsqueeze(0)) for path in paths])
-    return encode_images(model.model, images, bank_taps)
+    return model.model.encode_images(images, bank_taps)
 
 
 def _mask(folder: Path, image: Path, size: int) -> torch.Tensor:

@@ -26,7 +26,6 @@ from pathlib import Path
 from anomalib_anomalyclip import AnomalyCLIP
 from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
-from anomalyclip_bench.features import save_prompts
 from anomalyclip_bench.few_shot_study import (
     TARGET_KINDS,
     StudyConfig,
@@ -57,7 +56,7 @@ def main() -> None:
         model = train_prompts(auxiliary, clip_path, work_dir / "runs", config)
         rows = evaluate(model, targets, config)
         if args.false_alarms:
-            prompts = save_prompts(model.model, work_dir / "prompts.pt")
+            prompts = model.model.save_prompts(work_dir / "prompts.pt")
             far = _false_alarms(work_dir, clip_path, prompts, config, args.false_alarms, args.normal_quantile)
     for row in rows:
         print(

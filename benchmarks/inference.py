@@ -201,10 +201,8 @@ def build_model(args: argparse.Namespace, work_dir: Path, k_shot: int = 0) -> to
         evaluator=False,
     ).eval()
     if k_shot:
-        model._ensure_references(required=True)
-        bank = model.model.few_shot
-        shape = "x".join(map(str, bank.memory.shape))
-        print(f"{k_shot}-shot memory bank: {shape} tokens, {bank.memory_bytes / 1e6:.1f} MB", flush=True)
+        model.collect_references(required=True)
+        print(f"{k_shot}-shot {model.model.describe_bank()}", flush=True)
     return model
 
 

@@ -20,7 +20,6 @@ import torch
 
 from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
 from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
-from anomalyclip_bench.features import save_prompts as save_model_prompts
 from anomalyclip_bench.few_shot_study import StudyConfig, generate, train_prompts
 from anomalyclip_bench.synthetic_study import SyntheticConfig, markdown_table, run_study
 
@@ -44,7 +43,7 @@ def main() -> None:
                                  work_dir / "untrained.pt")  # fmt: skip
         auxiliary, _ = generate(work_dir / "other" / "data", data)
         other = train_prompts(auxiliary, clip_path, work_dir / "other" / "runs", data)
-        other_prompts = save_model_prompts(other.model, work_dir / "other_categories.pt")
+        other_prompts = other.model.save_prompts(work_dir / "other_categories.pt")
         for name, start in (("untrained prompts", untrained), ("prompts of the other categories", other_prompts)):
             results = run_study(work_dir / name.replace(" ", "_"), clip_path, start, config, other=False)
             print(f"\nStart: {name}; fine-tuning {args.epochs} epochs at lr {args.lr:g}")
