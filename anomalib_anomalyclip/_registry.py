@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-__all__ = ["MODELS", "register"]
+__all__ = ["MODELS", "expose", "register"]
 
 PACKAGE = "anomalib_anomalyclip"
 MODELS: dict[str, str] = {
@@ -26,19 +26,36 @@ MODELS: dict[str, str] = {
 def register() -> None:
     """Make ``AnomalyCLIP`` and ``ExportedAnomalyCLIP`` known to anomalib by short name and class path.
 
-    Calling it again does nothing new.
+    When a module of this package is being imported right now (``anomalib`` was first imported from inside it),
+    the models are not imported here, which would meet that half-made module: each model module calls
+    :func:`expose` at its end instead. Calling it again does nothing new.
     """
-    models = _anomalib_models()
-    allowed = getattr(models, "ALLOWED_MODULES", None)
+    _allow_class_paths()
+    if _package_module_being_imported():
+        return
+    for name, module_name in MODELS.items():
+        expose(getattr(importlib.import_module(module_name), name))
+
+
+def expose(model_class: type) -> None:
+    """Set ``anomalib.models.<name>`` so that anomalib's name look-ups find ``model_class``."""
+    _allow_class_paths()
+    setattr(_anomalib_models(), model_class.__name__, model_class)
+
+
+def _allow_class_paths() -> None:
+    allowed = getattr(_anomalib_models(), "ALLOWED_MODULES", None)
     if isinstance(allowed, set):
         allowed.update({PACKAGE, *MODELS.values()})
-    for name, module_name in MODELS.items():
-        module = sys.modules.get(module_name)
-        if module is None or not hasattr(module, name):
-            # A module being imported right now (this call comes from inside it) is completed by its importer.
-            module = importlib.import_module(module_name)
-        if hasattr(module, name):
-            setattr(models, name, getattr(module, name))
+
+
+def _package_module_being_imported() -> bool:
+    """Whether a module of this package (not the package itself) is being executed by an import now."""
+    prefix = f"{PACKAGE}."
+    return any(
+        name.startswith(prefix) and getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+    )
 
 
 def _anomalib_models() -> object:

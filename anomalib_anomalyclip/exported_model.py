@@ -47,7 +47,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from ._registry import register
+from ._registry import expose
 from .pre_processor import resize_image_like_pil, resize_mask_like_pil
 
 __all__ = ["ExportedAnomalyCLIP", "ExportedGraph"]
@@ -224,4 +224,4 @@ def _to_cpu(value: torch.Tensor | None) -> torch.Tensor | None:
     return None if value is None else value.detach().cpu()
 
 
-register()  # also when this module is imported first (see _registry)
+expose(ExportedAnomalyCLIP)  # also when this module is imported first (see _registry)

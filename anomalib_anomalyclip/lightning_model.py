@@ -56,7 +56,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from ._registry import register
+from ._registry import expose
 from .callbacks import ConvertingImageVisualizer, model_callbacks
 from .checkpoints import CheckedCheckpointLoading, restore_model_state, save_model_state
 from .data.references import ReferenceSource, datamodule_references, folder_references, load_references
@@ -530,4 +530,4 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         return [self.model.class_name] * batch.image.shape[0]
 
 
-register()  # also when this module is imported first (see _registry)
+expose(AnomalyCLIP)  # also when this module is imported first (see _registry)
