@@ -340,17 +340,18 @@ def _parse(entry_type: type[_Entry], content: Any, where: str) -> _Entry:
     if not isinstance(content, Mapping):
         msg = f"{where} must be a mapping, got {type(content).__name__}: {content!r}."
         raise BenchmarkConfigError(msg)
+    train = content.get("train") if entry_type is ModelEntry else None
+    if train is not None and (not isinstance(train, Mapping) or not train):
+        # Checked before parsing: how jsonargparse reports an empty section depends on its global settings.
+        msg = f"{where}.train needs `data` (a datamodule's class_path and init_args)."
+        raise BenchmarkConfigError(msg)
     parser = _parser(entry_type)
     try:
         namespace = parser.instantiate_classes(parser.parse_object(dict(content)))
     except (ArgumentError, TypeError, ValueError) as error:  # jsonargparse's message names the key
         msg = f"{where}: {error}"
         raise BenchmarkConfigError(msg) from error
-    entry = entry_type(**namespace.as_dict())
-    if isinstance(entry, ModelEntry) and entry.train is None and content.get("train") is not None:
-        msg = f"{where}.train needs `data` (a datamodule's class_path and init_args)."
-        raise BenchmarkConfigError(msg)
-    return entry
+    return entry_type(**namespace.as_dict())
 
 
 @functools.cache
