@@ -56,6 +56,15 @@ class PromptCheckpointError(AnomalyCLIPError, ValueError):
 class PromptsUnavailableError(AnomalyCLIPError, RuntimeError):
     """The model would score images with prompts that were never trained or loaded."""
 
+    def __init__(self) -> None:
+        super().__init__(
+            "AnomalyCLIP has no trained prompts, and scoring with untrained prompts gives meaningless results. "
+            "Either pass released prompts (downloaded once and cached): --model.prompt_weights anomalyclip-mvtec "
+            "(trained on MVTec AD; use anomalyclip-visa when testing on MVTec AD), or a prompt file: "
+            "--model.prompt_weights /path/to/epoch_15.pth, or a trained checkpoint: --ckpt_path model.ckpt. To "
+            "learn prompts, run `anomalib fit` with anomalib_anomalyclip.data.AuxiliaryDataModule."
+        )
+
 
 class BadImageError(AnomalyCLIPError, ValueError):
     """An image or mask file cannot be read, or cannot be read correctly; the message names the file and the fix."""

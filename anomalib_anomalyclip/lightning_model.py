@@ -1,32 +1,20 @@
-"""AnomalyCLIP as an anomalib model: ``anomalib train|fit|test|predict --model AnomalyCLIP``.
+"""AnomalyCLIP as an anomalib model: ``anomalib train|fit|test|predict|export --model AnomalyCLIP``.
 
-Three ways to use it:
+* **Zero-shot**: prompts from ``prompt_weights`` (a file, a URL, or a released name such as ``anomalyclip-mvtec``);
+  ``train``/``fit`` only collect thresholds, ``test``/``predict`` score.
+* **Few-shot** (``k_shot > 0``): normal references fill a memory bank whose nearest-neighbour map joins the
+  zero-shot map (:mod:`.few_shot`); ``train``/``fit`` collect references and thresholds and save a checkpoint.
+* **Mutual scoring** (``mutual_scoring``): each image is also scored against the other images of its pool
+  (:mod:`.mutual`, :mod:`.pool_scoring`).
+* **Prompt training** (the paper's protocol): without ``prompt_weights``, ``fit`` learns the prompts on labelled
+  images, e.g. :class:`anomalib_anomalyclip.data.AuxiliaryDataModule`; the CLIP stays frozen.
 
-* **Zero-shot** (the usual case): give prompts with ``prompt_weights`` (a file, an
-  http(s) URL, or the short name of a released checkpoint such as
-  ``anomalyclip-mvtec``). The model is then a zero-shot model for anomalib's Engine:
-  ``train``/``fit`` only collect thresholds, ``test`` and ``predict`` score the target data.
-* **Few-shot** (``k_shot > 0``): ``k_shot`` normal images of the product (the
-  datamodule's train split, or ``few_shot_source``) fill a memory bank of patch tokens
-  whose nearest-neighbour distances join the zero-shot map (see :mod:`.few_shot`).
-  anomalib's Engine treats the model as FEW_SHOT: ``train``/``fit`` collect the
-  references and thresholds, with no gradient step, and save a checkpoint with the bank.
-* **Prompt training** (the paper's protocol): without ``prompt_weights`` the prompts
-  are learned by ``fit`` on labelled normal and anomalous images, e.g.
-  :class:`anomalib_anomalyclip.data.AuxiliaryDataModule` over every category of MVTec
-  AD's test split. Only the prompts are trained and stored in the checkpoint; the CLIP
-  weights stay frozen and are loaded from ``pretrained``.
-
-Where the prompts come from is decided by :func:`.weights.plan_prompts`: without ``prompt_weights``, when
-there is nothing to learn prompts from (the fit data holds normal images only, or there is no fit), the
-model takes the authors' released prompts trained on the other dataset. A ``fit`` on normal images only
-then has nothing to train: the model ends the training loop after one batch without a gradient step
-(:meth:`AnomalyCLIP.setup`), so that anomalib's validation thresholds and checkpoint follow.
-
-The computation is the torch model's (:class:`.torch_model.AnomalyCLIPModel`); around the steps, the
-callbacks of :mod:`.callbacks` keep the feature cache of prompt training, check inputs, write
-``predictions.csv`` and the few-shot checkpoint; :mod:`.checkpoints` defines what a checkpoint holds and
-:mod:`.export` what an export holds.
+Where the prompts come from is decided by :func:`.weights.plan_prompts`: with nothing to learn them from (normal
+fit data only, or no fit), the authors' released prompts trained on the other dataset; a ``fit`` on normal images
+then ends its training loop after one batch without a gradient step (:meth:`AnomalyCLIP.setup`). The computation
+is the torch model's (:mod:`.torch_model`); :mod:`.callbacks` keep the feature cache, check inputs and write
+``predictions.csv`` and the few-shot checkpoint; :mod:`.checkpoints` and :mod:`.export` say what checkpoints and
+exports hold.
 
 Example:
     >>> from anomalib.engine import Engine
@@ -59,7 +47,7 @@ from torch import nn
 from ._registry import expose
 from .callbacks import ConvertingImageVisualizer, model_callbacks
 from .checkpoints import CheckedCheckpointLoading, restore_model_state, save_model_state
-from .data.references import ReferenceSource, datamodule_references, folder_references, load_references
+from .data.references import load_references, missing_references, reference_source
 from .data.samples import has_pixel_mask
 from .dpam import DpamKind, DpamKindName, TokenPathName
 from .errors import ExportUnavailableError, PromptsUnavailableError, explain_setup_errors, parse_choice
@@ -328,12 +316,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         self.trainer.limit_train_batches = 1
 
     def val_dataloader(self) -> list:
-        """No validation data of the model's own.
-
-        Used only when no datamodule is given, e.g. ``anomalib predict --data <folder>``:
-        zero-shot models are validated before predicting, and without labelled data the
-        probability-scale thresholds of :class:`ProbabilityPostProcessor` stay in place.
-        """
+        """No validation data of its own (``predict --data <folder>``: the probability-scale thresholds stay)."""
         return []
 
     def on_train_end(self) -> None:
@@ -378,7 +361,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         """Score the batch (anomalib collects thresholds); within ``fit``, from the training features where cached."""
         del args, kwargs
         if self.pool_scores is not None:
-            return batch.update(**self.pool_scores.lookup(batch.image_path, self.device)._asdict())
+            return self._pooled(batch)
         if self.model.k_shot:
             return batch.update(**self.model(batch.image)._asdict())
         paths = getattr(batch, "image_path", None)
@@ -387,15 +370,11 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
 
     def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score the batch; with mutual scoring, look up the scores of the pools computed at the loop's start."""
-        if self.pool_scores is not None:
-            return batch.update(**self.pool_scores.lookup(batch.image_path, self.device)._asdict())
-        return super().test_step(batch, *args, **kwargs)
+        return self._pooled(batch) if self.pool_scores is not None else super().test_step(batch, *args, **kwargs)
 
     def predict_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score the batch; with mutual scoring, look up the scores of the pools computed at the loop's start."""
-        if self.pool_scores is not None:
-            return batch.update(**self.pool_scores.lookup(batch.image_path, self.device)._asdict())
-        return super().predict_step(batch, *args, **kwargs)
+        return self._pooled(batch) if self.pool_scores is not None else super().predict_step(batch, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the prompts, references and anomalib's components, not the frozen CLIP (see :mod:`.checkpoints`)."""
@@ -446,13 +425,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
 
     def _require_prompts(self) -> None:
         if not self.prompts_ready:
-            raise PromptsUnavailableError(
-                "AnomalyCLIP has no trained prompts, and scoring with untrained prompts gives meaningless results. "
-                "Either pass released prompts (downloaded once and cached): --model.prompt_weights "
-                "anomalyclip-mvtec (trained on MVTec AD; use anomalyclip-visa when testing on MVTec AD), or a prompt "
-                "file: --model.prompt_weights /path/to/epoch_15.pth, or a trained checkpoint: --ckpt_path "
-                "model.ckpt. To learn prompts, run `anomalib fit` with anomalib_anomalyclip.data.AuxiliaryDataModule."
-            )
+            raise PromptsUnavailableError
 
     def collect_references(self, required: bool) -> None:
         """Fill the bank from the references unless it holds them already (this run, or restored from a checkpoint).
@@ -462,7 +435,9 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         """
         if self.model.has_references and (self._references_restored or self.hparams.few_shot_source):
             return  # restored, or filled this run from the folder (which is not listed and checked again)
-        source = self._reference_source(required and not self.model.has_references)
+        source = reference_source(self.hparams.few_shot_source, self._datamodule(), self.model.k_shot)
+        if source is None and required and not self.model.has_references:
+            raise missing_references(self.model.k_shot)
         if source is None:
             return  # e.g. predicting on a folder after fit: a filled bank stays as it is
         paths = choose_references(source.paths, self.model.k_shot, self.hparams.seed or 0, source.description)
@@ -478,20 +453,6 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
             scores, maps = left_out.pred_score, left_out.anomaly_map
             self.post_processor.set_normal_thresholds(scores, maps, "references scored leave-one-out")
 
-    def _reference_source(self, required: bool) -> ReferenceSource | None:
-        if self.hparams.few_shot_source:
-            return folder_references(self.hparams.few_shot_source)
-        datamodule = self._datamodule()
-        if getattr(datamodule, "train_data", None) is not None:
-            return datamodule_references(datamodule)
-        if not required:
-            return None
-        raise ValueError(
-            f"k_shot={self.model.k_shot} needs normal reference images, but there is no datamodule with a train "
-            "split. Give a folder of normal images with --model.few_shot_source, or --ckpt_path a checkpoint of a "
-            "few-shot run (it holds the references)."
-        )
-
     def _prompt_plan(self, fitting: bool, datamodule: object | None) -> PromptPlan:
         return plan_prompts(
             self.hparams.prompt_weights,
@@ -503,16 +464,14 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         )
 
     def _load_released_prompts(self, plan: PromptPlan) -> None:
-        released = plan.released
-        logger.info(
-            "AnomalyCLIP uses the released prompts '%s' (trained on %s), because %s; pass --model.prompt_weights "
-            "to choose others.",
-            released.name,
-            released.trained_on,
-            plan.reason,
-        )
-        self.model.load_prompts(resolve_prompt_weights(released.name))
+        name, trained_on = plan.released.name, plan.released.trained_on
+        message = "AnomalyCLIP uses the released prompts '%s' (trained on %s), because %s; pass --model.prompt_weights "
+        logger.info(message + "to choose others.", name, trained_on, plan.reason)
+        self.model.load_prompts(resolve_prompt_weights(name))
         self.prompts_ready = True
+
+    def _pooled(self, batch: Batch) -> Batch:
+        return batch.update(**self.pool_scores.lookup(batch.image_path, self.device)._asdict())
 
     def _set_probability_scale(self) -> None:
         if isinstance(self.post_processor, ProbabilityPostProcessor):

@@ -66,6 +66,30 @@ def datamodule_references(datamodule: object) -> ReferenceSource:
     return ReferenceSource(list(samples["image_path"]), f"the train split of {name}", augmentations)
 
 
+def reference_source(folder: str | Path | None, datamodule: object | None, k_shot: int) -> ReferenceSource | None:
+    """Where ``k_shot`` references come from: ``folder`` if given, else the datamodule's train split, else none.
+
+    Args:
+        folder: the ``few_shot_source`` argument.
+        datamodule: the run's datamodule, if any.
+        k_shot: the number of references (for messages).
+    """
+    if folder:
+        return folder_references(folder)
+    if getattr(datamodule, "train_data", None) is not None:
+        return datamodule_references(datamodule)
+    return None
+
+
+def missing_references(k_shot: int) -> ValueError:
+    """The error for a few-shot model with neither references nor a source of them."""
+    return ValueError(
+        f"k_shot={k_shot} needs normal reference images, but there is no datamodule with a train split. Give a "
+        "folder of normal images with --model.few_shot_source, or --ckpt_path a checkpoint of a few-shot run (it "
+        "holds the references)."
+    )
+
+
 def load_references(paths: Sequence[str], source: ReferenceSource, transform: Transform | None) -> torch.Tensor:
     """Read ``paths`` like test images and pre-process each on its own: (k, 3, H, W).
 
