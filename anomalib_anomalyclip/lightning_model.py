@@ -325,15 +325,15 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
 
     def on_validation_start(self) -> None:
         """Make ready to score: prompts (refused if untrained), references, the pools of mutual scoring."""
-        self.prepare_scoring(self.trainer.val_dataloaders)
+        self.prepare_scoring(self._loop_dataloaders("val"))
 
     def on_test_start(self) -> None:
         """Make ready to score: prompts (refused if untrained), references, the pools of mutual scoring."""
-        self.prepare_scoring(self.trainer.test_dataloaders)
+        self.prepare_scoring(self._loop_dataloaders("test"))
 
     def on_predict_start(self) -> None:
         """Make ready to score: prompts (refused if untrained), references, the pools of mutual scoring."""
-        self.prepare_scoring(self.trainer.predict_dataloaders)
+        self.prepare_scoring(self._loop_dataloaders("predict"))
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One step of prompt learning with the glocal loss (nothing when the prompts are fixed)."""
@@ -477,8 +477,11 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         if isinstance(self.post_processor, ProbabilityPostProcessor):
             self.post_processor.set_probability_scale(self.model.map_scale)
 
+    def _loop_dataloaders(self, stage: str) -> Any:
+        return getattr(self._trainer, f"{stage}_dataloaders", None) if self._trainer is not None else None
+
     def _datamodule(self) -> object | None:
-        return self.trainer.datamodule if getattr(self, "_trainer", None) is not None else None
+        return self._trainer.datamodule if self._trainer is not None else None
 
     def _class_names(self, batch: Batch) -> list[str] | None:
         if not self.model.uses_class_names:

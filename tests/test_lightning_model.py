@@ -137,3 +137,32 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(tiny_clip_path: Path) ->
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
+
+
+@pytest.mark.parametrize(
+    ("argument", "valid"),
+    [
+        ("dpam_kind", "Literal['vv', 'qq', 'kk', 'none']"),
+        ("few_shot_fusion", "Literal['mean', 'harmonic', 'few_shot']"),
+        ("loss", "Literal['glocal', 'global', 'local']"),
+    ],
+)
+def test_the_cli_rejects_a_bad_choice_listing_the_valid_ones(
+    argument: str, valid: str, capsys: pytest.CaptureFixture
+) -> None:
+    from anomalib.cli import AnomalibCLI
+
+    with pytest.raises(SystemExit) as exit_info:
+        AnomalibCLI(["test", "--model", "AnomalyCLIP", f"--model.{argument}", "xx", "--data", "MVTecAD"], run=False)
+    output = capsys.readouterr()
+    message = output.out + output.err
+    assert exit_info.value.code != 0
+    assert f'Parser key "{argument}"' in message or argument in message
+    assert valid in message and "Got value: xx" in message
+
+
+def test_python_callers_get_the_valid_choices_too(tiny_clip_path: Path) -> None:
+    from anomalib_anomalyclip.errors import ChoiceError
+
+    with pytest.raises(ChoiceError, match=r"dpam_kind must be one of 'vv', 'qq', 'kk', 'none', got 'xx'"):
+        _model(tiny_clip_path, dpam_kind="xx")

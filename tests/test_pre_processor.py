@@ -181,7 +181,7 @@ def test_fast_mode_is_anomalibs_pre_processor(tiny_clip_path: Path) -> None:
     model = AnomalyCLIP(pretrained=str(tiny_clip_path), image_size=56, preprocessing="fast")
     assert type(model.pre_processor) is PreProcessor
     assert tuple(model.input_size) == (56, 56)
-    with pytest.raises(ValueError, match="preprocessing must be one of reference, fast"):
+    with pytest.raises(ValueError, match="preprocessing must be one of 'reference', 'fast', got 'pil'"):
         AnomalyCLIP.configure_pre_processor((56, 56), "pil")
 
 
