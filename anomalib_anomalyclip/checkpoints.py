@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import pickle
+import re
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ EXPECTED = (
 LIGHTNING_KEYS = ("pytorch-lightning_version", "state_dict")
 _UNTRUSTED_TYPE = "Unsupported global"  # torch's weights-only reader met a class it does not trust
 _MARK = "_anomalyclip_checked"
+_SNIFF_BYTES = 512
 MODEL_INFO_KEY = "anomalyclip"
 FROZEN_PREFIXES = ("model.visual_encoder.", "model.text_encoder.")  # the frozen CLIP: never stored in checkpoints
 
@@ -143,6 +145,12 @@ def _adopt_few_shot(model: AnomalyCLIPModel, stored: Mapping[str, Any]) -> None:
 def read_checkpoint(path: str | Path, load: Callable[[], Any]) -> dict[str, Any]:
     """Read a checkpoint with ``load`` and check that it is a Lightning checkpoint.
 
+    A local file is first checked to be what ``torch.save`` writes (a zip archive holding ``data.pkl``), so that
+    text, HTML pages, random bytes, other archives and bare pickle streams are refused without unpickling
+    anything; ``load`` is expected to read weights-only (no arbitrary classes), and a class it refuses is reported
+    as a file that is not this model's checkpoint. No error is chained to the reader's, so that a user sees one
+    message, not the unpickler's traceback.
+
     Args:
         path: the checkpoint file (for the messages).
         load: reads the file and returns what it holds.
@@ -152,35 +160,83 @@ def read_checkpoint(path: str | Path, load: Callable[[], Any]) -> dict[str, Any]
 
     Raises:
         CheckpointNotFoundError: there is no file at ``path``.
-        CheckpointFileError: ``path`` is a folder, cannot be unpickled, or holds something else than a Lightning
-            checkpoint (prompt weights, CLIP weights, another dictionary).
+        CheckpointFileError: ``path`` is a folder, is no ``torch.save`` archive, cannot be unpickled weights-only,
+            or holds something else than a Lightning checkpoint (prompt weights, CLIP weights, another dictionary).
     """
     file = str(path)
-    _check_local_file(file)
+    if _check_local_file(file):
+        _check_archive(file)
     try:
         checkpoint = load()
-    except pickle.UnpicklingError as error:
-        if _UNTRUSTED_TYPE in str(error):
-            raise  # a readable pickle with a class torch does not trust: torch's message says what to do
-        raise _unreadable(file, error) from error
-    except (EOFError, KeyError, RuntimeError, ValueError, UnicodeDecodeError, AttributeError, ImportError) as error:
-        raise _unreadable(file, error) from error
+    except Exception as error:  # any failure of the reader means: not a checkpoint that can be read
+        raise _unreadable(file, error) from None
     _check_contents(file, checkpoint)
     return checkpoint
 
 
-def _check_local_file(file: str) -> None:
-    """Raise unless ``file`` exists and is a file (remote paths are left to their reader)."""
+def _check_local_file(file: str) -> bool:
+    """Raise unless ``file`` exists and is a file; ``False`` for remote paths (left to their reader)."""
     if not isinstance(get_filesystem(file), LocalFileSystem):
-        return
+        return False
     if not Path(file).exists():
         raise CheckpointNotFoundError(f"Checkpoint file not found: '{file}'. {EXPECTED}")
     if not Path(file).is_file():
         raise CheckpointFileError(f"Checkpoint path '{file}' is not a file. {EXPECTED}")
+    return True
+
+
+def _check_archive(file: str) -> None:
+    """Raise unless ``file`` is a zip archive with a ``data.pkl`` entry, as ``torch.save`` writes (not unpickled)."""
+    if zipfile.is_zipfile(file):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as error:
+            message = f"Cannot read '{file}' as a checkpoint: a damaged zip archive ({error}). {EXPECTED}"
+            raise CheckpointFileError(message) from None
+        if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+            return
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        what = f"a zip archive of something else (entries: {shown or 'none'})"
+    else:
+        what = describe_file_start(file)
+    raise CheckpointFileError(f"Cannot read '{file}' as a checkpoint: it is {what}. {EXPECTED}")
+
+
+def describe_file_start(file: str | Path) -> str:
+    """What the first bytes of a file that is not a zip archive look like, in words (for error messages)."""
+    with open(file, "rb") as stream:
+        head = stream.read(_SNIFF_BYTES)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x80"):  # the PROTO opcode of pickle protocols 2 and later
+        return "a bare pickle stream, not the zip archive torch.save writes (it is not unpickled: that can run code)"
+    if not _is_text(head):
+        return "binary data, not the zip archive torch.save writes (perhaps truncated or another format)"
+    text = head.decode("utf-8", errors="replace")
+    if "<html" in text.lower() or text.lstrip().lower().startswith("<!doctype"):
+        return "an HTML page (a download that saved a web page, e.g. an error or login page, instead of the file)"
+    first = " ".join(text.split())[:60]
+    return f"a text file (it begins: {first!r})"
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.start >= len(head) - 3  # a character cut by the sniffing window
+    return b"\x00" not in head
 
 
 def _unreadable(file: str, error: BaseException) -> CheckpointFileError:
-    reason = f"{type(error).__name__}: {error}".strip().rstrip(":")
+    if _UNTRUSTED_TYPE in str(error):
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        name = found.group(1) if found else "a class"
+        return CheckpointFileError(
+            f"Cannot read '{file}' as a checkpoint: it asks to load {name}, which an AnomalyCLIP checkpoint never "
+            f"holds, so it was not loaded (the file is not trusted). {EXPECTED}"
+        )
+    reason = f"{type(error).__name__}: {error}".strip().rstrip(":").splitlines()[0][:200]
     return CheckpointFileError(f"Cannot read '{file}' as a checkpoint: torch.load fails with {reason}. {EXPECTED}")
 
 
