@@ -51,8 +51,10 @@ __all__ = [
     "CheckpointNotFoundError",
     "check_checkpoint_io",
     "read_checkpoint",
+    "read_checkpoint_file",
     "restore_model_state",
     "save_model_state",
+    "stored_clip",
 ]
 
 EXPECTED = (
@@ -84,16 +86,44 @@ class RestoredState:
 
 
 def save_model_state(
-    checkpoint: dict[str, Any], model: AnomalyCLIPModel, prompts_trained: bool, references: Sequence[str]
+    checkpoint: dict[str, Any],
+    model: AnomalyCLIPModel,
+    prompts_trained: bool,
+    references: Sequence[str],
+    clip: Mapping[str, Any] | None = None,
 ) -> None:
-    """Drop the frozen CLIP from ``checkpoint`` and record the model's configuration, prompt state and references."""
+    """Drop the frozen CLIP from ``checkpoint``; record the configuration, prompt state, references and CLIP.
+
+    Args:
+        checkpoint: the checkpoint Lightning is about to write.
+        model: the torch model.
+        prompts_trained: whether the prompts were trained or loaded.
+        references: the few-shot reference images.
+        clip: which CLIP the model runs on (:func:`.backbone.clip_source`), so that later runs find it again.
+    """
     checkpoint["state_dict"] = {
         key: value for key, value in checkpoint["state_dict"].items() if not key.startswith(FROZEN_PREFIXES)
     }
     info = {"prompts_trained": bool(prompts_trained), **model.describe()}
     if "few_shot" in info:
         info["few_shot"]["references"] = list(references)
+    if clip is not None:
+        info["clip"] = dict(clip)
     checkpoint[MODEL_INFO_KEY] = info
+
+
+def stored_clip(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The CLIP a checkpoint was made with: ``backbone``, ``pretrained``, ``sha256`` and ``image_size`` where known.
+
+    Checkpoints written before the CLIP was recorded give what their hyper-parameters say (no ``sha256``).
+    """
+    info = checkpoint.get(MODEL_INFO_KEY, {})
+    hyper_parameters = checkpoint.get("hyper_parameters", {})
+    stored = {key: hyper_parameters[key] for key in ("backbone", "pretrained", "image_size") if key in hyper_parameters}
+    stored.update(info.get("clip", {}))
+    if "image_size" in info:
+        stored["image_size"] = info["image_size"]
+    return stored
 
 
 def restore_model_state(
@@ -172,6 +202,14 @@ def read_checkpoint(path: str | Path, load: Callable[[], Any]) -> dict[str, Any]
         raise _unreadable(file, error) from None
     _check_contents(file, checkpoint)
     return checkpoint
+
+
+def read_checkpoint_file(
+    path: str | Path, safe_globals: Sequence[Any] = (), weights_only: bool = True
+) -> dict[str, Any]:
+    """Read and check a checkpoint file as anomalib reads it (weights-only, with ``safe_globals`` trusted)."""
+    io = AnomalibCheckpointIO(extra_safe_globals=list(safe_globals))
+    return read_checkpoint(path, lambda: io.load_checkpoint(path, weights_only=weights_only))
 
 
 def _check_local_file(file: str) -> bool:
@@ -293,7 +331,5 @@ class CheckedCheckpointLoading:
             The model of the checkpoint.
         """
         if isinstance(checkpoint_path, str | Path):
-            io = AnomalibCheckpointIO(extra_safe_globals=cls.checkpoint_safe_globals())
-            weights_only = kwargs.get("weights_only", True)
-            read_checkpoint(checkpoint_path, lambda: io.load_checkpoint(checkpoint_path, weights_only=weights_only))
+            read_checkpoint_file(checkpoint_path, cls.checkpoint_safe_globals(), kwargs.get("weights_only", True))
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
