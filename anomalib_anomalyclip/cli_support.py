@@ -177,7 +177,7 @@ def prepare_run(cli: Any) -> None:
     ckpt_path = config.get("ckpt_path")
     if ckpt_path:
         problems += _adopt_checkpoint_clip(model_class, init_args, str(ckpt_path))
-    problems += _missing(subcommand, config, init_args, ckpt_path, online)
+    problems += _missing(subcommand, config, init_args, ckpt_path, online, check_clip=not problems)
     if problems:
         from .preflight import format_report
 
@@ -235,7 +235,7 @@ def adopt_stored_clip(
     return []
 
 
-def _missing(subcommand: str, config: Any, init_args: Any, ckpt_path: Any, online: bool) -> list[str]:
+def _missing(subcommand: str, config: Any, init_args: Any, ckpt_path: Any, online: bool, check_clip: bool) -> list[str]:
     from .preflight import RunRequest, missing_pieces
 
     data = config.get("data")
@@ -245,4 +245,4 @@ def _missing(subcommand: str, config: Any, init_args: Any, ckpt_path: Any, onlin
     elif data is not None and not isinstance(data, str | Path):
         data = None
     request = RunRequest(subcommand, dict(vars(init_args)), data_class, data, str(ckpt_path) if ckpt_path else None)
-    return missing_pieces(request, online)
+    return missing_pieces(request, online, check_clip)

@@ -56,13 +56,20 @@ class RunRequest:
     ckpt_path: str | None
 
 
-def missing_pieces(request: RunRequest, online: bool) -> list[str]:
-    """One line per missing piece: the prompts, the CLIP weights, the data (empty: the run can start)."""
+def missing_pieces(request: RunRequest, online: bool, check_clip: bool = True) -> list[str]:
+    """One line per missing piece: the prompts, the CLIP weights, the data (empty: the run can start).
+
+    Args:
+        request: what the command line asks for.
+        online: whether downloads can work.
+        check_clip: look for the CLIP weights (``False`` where a problem with them was reported already).
+    """
     model = request.model
     prompts = _prompts_spec(request)
+    clip_args = (model.get("backbone", ""), model.get("pretrained"), model.get("cache_dir"), online)
     problems = [
         prompt_weights_problem(prompts, model.get("cache_dir"), online) if prompts else None,
-        clip_weights_problem(model.get("backbone", ""), model.get("pretrained"), model.get("cache_dir"), online),
+        clip_weights_problem(*clip_args) if check_clip else None,
         dataset_problem(request.data_class, request.data, online),
     ]
     return [problem for problem in problems if problem]
