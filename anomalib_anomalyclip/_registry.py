@@ -31,6 +31,7 @@ def register() -> None:
     :func:`expose` at its end instead. Calling it again does nothing new.
     """
     _allow_class_paths()
+    importlib.import_module(f"{PACKAGE}.cli_support").install()  # our runs of anomalib's CLI (see there)
     if _package_module_being_imported():
         return
     for name, module_name in MODELS.items():

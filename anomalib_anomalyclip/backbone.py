@@ -21,11 +21,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import logging
 import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -252,4 +256,62 @@ def _offline_message(backbone: str, tag: str, url: str, error: object) -> str:
         "on a machine with internet, copy it here and pass its path: "
         "--model.pretrained /path/to/file (Python: pretrained='/path/to/file'). Alternatively fill the "
         "open_clip/Hugging Face cache (HF_HOME) on a connected machine and copy it over."
+    )
+
+
+def clip_source(backbone: str, pretrained: str | Path | None) -> dict[str, Any]:
+    """What a checkpoint records of its CLIP: the backbone, the tag or the absolute file path, the file's SHA-256."""
+    if pretrained is None or pretrained == "" or not _looks_like_path(pretrained):
+        return {"backbone": backbone, "pretrained": pretrained or None, "sha256": None}
+    path = Path(pretrained).expanduser().resolve()
+    return {"backbone": backbone, "pretrained": str(path), "sha256": file_sha256(path) if path.is_file() else None}
+
+
+def is_weights_file(pretrained: str | Path | None) -> bool:
+    """Whether ``pretrained`` names a file (rather than an open_clip tag or random weights)."""
+    return bool(pretrained) and _looks_like_path(pretrained)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a weights file (kept per path, size and modification time: a ViT-L file takes a second)."""
+    stat = path.stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    del size, mtime_ns  # part of the cache key only
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def clip_weights_problem(backbone: str, pretrained: str | None, cache_dir: str | None, online: bool) -> str | None:
+    """What is missing for the CLIP weights on this machine, without downloading (``None``: nothing).
+
+    A file must exist; a tag's weights must be in open_clip's cache unless ``online``. With no network, the hub
+    libraries are in their offline mode (:mod:`.network`), so looking in the cache returns at once.
+    """
+    if not pretrained:
+        return None
+    if _looks_like_path(pretrained):
+        if Path(pretrained).expanduser().is_file():
+            return None
+        return (
+            f"the CLIP weights: no file '{pretrained}'. Pass the path of {_openai_file_name(backbone)} (or another "
+            "CLIP file) with --model.pretrained"
+        )
+    config = open_clip.get_pretrained_cfg(backbone, pretrained) if backbone in open_clip.list_models() else None
+    if online or not config:
+        return None  # downloaded at the start of the run; unknown names are reported by the model
+    with contextlib.suppress(Exception):  # not cached: reported below
+        if open_clip.download_pretrained(config):
+            return None
+    url = config.get("url", "")
+    return (
+        f"the CLIP weights of {backbone} (tag '{pretrained}'): not in the open_clip/Hugging Face cache (HF_HOME) and "
+        f"there is no network. Download {_openai_file_name(backbone)}{f' from {url}' if url else ''} elsewhere, copy "
+        "it here and pass it: --model.pretrained /path/to/file"
     )

@@ -165,9 +165,11 @@ class PredictionCsvWriter(Callback):
     """Write one row per predicted image: ``path`` (absolute), ``score`` and ``decision``.
 
     ``score`` is anomalib's normalised image score in [0, 1] (``pred_score`` after the post-processor) and
-    ``decision`` is ``anomalous`` or ``normal`` (anomalib's ``pred_label``: the score is above the normalised
-    threshold, 0.5). Rows are written as batches finish, so a stopped run keeps what it predicted. The file is
-    ``<trainer.default_root_dir>/predictions.csv``.
+    ``decision`` is ``anomalous`` or ``normal`` (``pred_label``: anomalous when the normalised score exceeds the
+    normalised threshold, 0.5, by more than 1e-5; a score at it is normal). Eager models and exported graphs apply
+    this one rule (:meth:`.ProbabilityPostProcessor._apply_threshold`, inside the graph for an export), and
+    ``ExportedAnomalyCLIP`` writes this file too. Rows are written as batches finish, so a stopped run keeps what
+    it predicted. The file is ``<trainer.default_root_dir>/predictions.csv``.
 
     With several processes (``--trainer.strategy ddp``) each rank writes its rows to ``predictions.rank<N>.csv`` as
     it goes; when prediction ends, rank 0 gathers every rank's rows, writes them to the one ``predictions.csv`` (in

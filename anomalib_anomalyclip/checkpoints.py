@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import pickle
+import re
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +51,10 @@ __all__ = [
     "CheckpointNotFoundError",
     "check_checkpoint_io",
     "read_checkpoint",
+    "read_checkpoint_file",
     "restore_model_state",
     "save_model_state",
+    "stored_clip",
 ]
 
 EXPECTED = (
@@ -62,6 +65,7 @@ EXPECTED = (
 LIGHTNING_KEYS = ("pytorch-lightning_version", "state_dict")
 _UNTRUSTED_TYPE = "Unsupported global"  # torch's weights-only reader met a class it does not trust
 _MARK = "_anomalyclip_checked"
+_SNIFF_BYTES = 512
 MODEL_INFO_KEY = "anomalyclip"
 FROZEN_PREFIXES = ("model.visual_encoder.", "model.text_encoder.")  # the frozen CLIP: never stored in checkpoints
 
@@ -82,16 +86,44 @@ class RestoredState:
 
 
 def save_model_state(
-    checkpoint: dict[str, Any], model: AnomalyCLIPModel, prompts_trained: bool, references: Sequence[str]
+    checkpoint: dict[str, Any],
+    model: AnomalyCLIPModel,
+    prompts_trained: bool,
+    references: Sequence[str],
+    clip: Mapping[str, Any] | None = None,
 ) -> None:
-    """Drop the frozen CLIP from ``checkpoint`` and record the model's configuration, prompt state and references."""
+    """Drop the frozen CLIP from ``checkpoint``; record the configuration, prompt state, references and CLIP.
+
+    Args:
+        checkpoint: the checkpoint Lightning is about to write.
+        model: the torch model.
+        prompts_trained: whether the prompts were trained or loaded.
+        references: the few-shot reference images.
+        clip: which CLIP the model runs on (:func:`.backbone.clip_source`), so that later runs find it again.
+    """
     checkpoint["state_dict"] = {
         key: value for key, value in checkpoint["state_dict"].items() if not key.startswith(FROZEN_PREFIXES)
     }
     info = {"prompts_trained": bool(prompts_trained), **model.describe()}
     if "few_shot" in info:
         info["few_shot"]["references"] = list(references)
+    if clip is not None:
+        info["clip"] = dict(clip)
     checkpoint[MODEL_INFO_KEY] = info
+
+
+def stored_clip(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The CLIP a checkpoint was made with: ``backbone``, ``pretrained``, ``sha256`` and ``image_size`` where known.
+
+    Checkpoints written before the CLIP was recorded give what their hyper-parameters say (no ``sha256``).
+    """
+    info = checkpoint.get(MODEL_INFO_KEY, {})
+    hyper_parameters = checkpoint.get("hyper_parameters", {})
+    stored = {key: hyper_parameters[key] for key in ("backbone", "pretrained", "image_size") if key in hyper_parameters}
+    stored.update(info.get("clip", {}))
+    if "image_size" in info:
+        stored["image_size"] = info["image_size"]
+    return stored
 
 
 def restore_model_state(
@@ -143,6 +175,12 @@ def _adopt_few_shot(model: AnomalyCLIPModel, stored: Mapping[str, Any]) -> None:
 def read_checkpoint(path: str | Path, load: Callable[[], Any]) -> dict[str, Any]:
     """Read a checkpoint with ``load`` and check that it is a Lightning checkpoint.
 
+    A local file is first checked to be what ``torch.save`` writes (a zip archive holding ``data.pkl``), so that
+    text, HTML pages, random bytes, other archives and bare pickle streams are refused without unpickling
+    anything; ``load`` is expected to read weights-only (no arbitrary classes), and a class it refuses is reported
+    as a file that is not this model's checkpoint. No error is chained to the reader's, so that a user sees one
+    message, not the unpickler's traceback.
+
     Args:
         path: the checkpoint file (for the messages).
         load: reads the file and returns what it holds.
@@ -152,35 +190,91 @@ def read_checkpoint(path: str | Path, load: Callable[[], Any]) -> dict[str, Any]
 
     Raises:
         CheckpointNotFoundError: there is no file at ``path``.
-        CheckpointFileError: ``path`` is a folder, cannot be unpickled, or holds something else than a Lightning
-            checkpoint (prompt weights, CLIP weights, another dictionary).
+        CheckpointFileError: ``path`` is a folder, is no ``torch.save`` archive, cannot be unpickled weights-only,
+            or holds something else than a Lightning checkpoint (prompt weights, CLIP weights, another dictionary).
     """
     file = str(path)
-    _check_local_file(file)
+    if _check_local_file(file):
+        _check_archive(file)
     try:
         checkpoint = load()
-    except pickle.UnpicklingError as error:
-        if _UNTRUSTED_TYPE in str(error):
-            raise  # a readable pickle with a class torch does not trust: torch's message says what to do
-        raise _unreadable(file, error) from error
-    except (EOFError, KeyError, RuntimeError, ValueError, UnicodeDecodeError, AttributeError, ImportError) as error:
-        raise _unreadable(file, error) from error
+    except Exception as error:  # any failure of the reader means: not a checkpoint that can be read
+        raise _unreadable(file, error) from None
     _check_contents(file, checkpoint)
     return checkpoint
 
 
-def _check_local_file(file: str) -> None:
-    """Raise unless ``file`` exists and is a file (remote paths are left to their reader)."""
+def read_checkpoint_file(
+    path: str | Path, safe_globals: Sequence[Any] = (), weights_only: bool = True
+) -> dict[str, Any]:
+    """Read and check a checkpoint file as anomalib reads it (weights-only, with ``safe_globals`` trusted)."""
+    io = AnomalibCheckpointIO(extra_safe_globals=list(safe_globals))
+    return read_checkpoint(path, lambda: io.load_checkpoint(path, weights_only=weights_only))
+
+
+def _check_local_file(file: str) -> bool:
+    """Raise unless ``file`` exists and is a file; ``False`` for remote paths (left to their reader)."""
     if not isinstance(get_filesystem(file), LocalFileSystem):
-        return
+        return False
     if not Path(file).exists():
         raise CheckpointNotFoundError(f"Checkpoint file not found: '{file}'. {EXPECTED}")
     if not Path(file).is_file():
         raise CheckpointFileError(f"Checkpoint path '{file}' is not a file. {EXPECTED}")
+    return True
+
+
+def _check_archive(file: str) -> None:
+    """Raise unless ``file`` is a zip archive with a ``data.pkl`` entry, as ``torch.save`` writes (not unpickled)."""
+    if zipfile.is_zipfile(file):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as error:
+            message = f"Cannot read '{file}' as a checkpoint: a damaged zip archive ({error}). {EXPECTED}"
+            raise CheckpointFileError(message) from None
+        if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+            return
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        what = f"a zip archive of something else (entries: {shown or 'none'})"
+    else:
+        what = describe_file_start(file)
+    raise CheckpointFileError(f"Cannot read '{file}' as a checkpoint: it is {what}. {EXPECTED}")
+
+
+def describe_file_start(file: str | Path) -> str:
+    """What the first bytes of a file that is not a zip archive look like, in words (for error messages)."""
+    with open(file, "rb") as stream:
+        head = stream.read(_SNIFF_BYTES)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x80"):  # the PROTO opcode of pickle protocols 2 and later
+        return "a bare pickle stream, not the zip archive torch.save writes (it is not unpickled: that can run code)"
+    if not _is_text(head):
+        return "binary data, not the zip archive torch.save writes (perhaps truncated or another format)"
+    text = head.decode("utf-8", errors="replace")
+    if "<html" in text.lower() or text.lstrip().lower().startswith("<!doctype"):
+        return "an HTML page (a download that saved a web page, e.g. an error or login page, instead of the file)"
+    first = " ".join(text.split())[:60]
+    return f"a text file (it begins: {first!r})"
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.start >= len(head) - 3  # a character cut by the sniffing window
+    return b"\x00" not in head
 
 
 def _unreadable(file: str, error: BaseException) -> CheckpointFileError:
-    reason = f"{type(error).__name__}: {error}".strip().rstrip(":")
+    if _UNTRUSTED_TYPE in str(error):
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        name = found.group(1) if found else "a class"
+        return CheckpointFileError(
+            f"Cannot read '{file}' as a checkpoint: it asks to load {name}, which an AnomalyCLIP checkpoint never "
+            f"holds, so it was not loaded (the file is not trusted). {EXPECTED}"
+        )
+    reason = f"{type(error).__name__}: {error}".strip().rstrip(":").splitlines()[0][:200]
     return CheckpointFileError(f"Cannot read '{file}' as a checkpoint: torch.load fails with {reason}. {EXPECTED}")
 
 
@@ -237,7 +331,5 @@ class CheckedCheckpointLoading:
             The model of the checkpoint.
         """
         if isinstance(checkpoint_path, str | Path):
-            io = AnomalibCheckpointIO(extra_safe_globals=cls.checkpoint_safe_globals())
-            weights_only = kwargs.get("weights_only", True)
-            read_checkpoint(checkpoint_path, lambda: io.load_checkpoint(checkpoint_path, weights_only=weights_only))
+            read_checkpoint_file(checkpoint_path, cls.checkpoint_safe_globals(), kwargs.get("weights_only", True))
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)

@@ -29,12 +29,17 @@ __all__ = [
     "PromptCheckpointError",
     "PromptWeightsError",
     "PromptsUnavailableError",
+    "RunNotReadyError",
     "WeightsUnavailableError",
     "explain_setup_errors",
     "parse_choice",
 ]
 
 logger = logging.getLogger(__name__)
+
+SETUP_ERRORS: dict[str, AnomalyCLIPError | bool | None] = {"log": True, "last": None}
+"""``log``: whether :func:`explain_setup_errors` logs (the command line turns it off: it prints errors itself);
+``last``: the last error a decorated constructor raised (jsonargparse's reports do not always chain it)."""
 
 
 class AnomalyCLIPError(Exception):
@@ -43,6 +48,10 @@ class AnomalyCLIPError(Exception):
 
 class WeightsUnavailableError(AnomalyCLIPError, RuntimeError):
     """The CLIP weights asked for cannot be found locally or downloaded."""
+
+
+class RunNotReadyError(AnomalyCLIPError, RuntimeError):
+    """A command-line run lacks files (prompts, CLIP weights, data); the message lists all of them."""
 
 
 class PromptWeightsError(AnomalyCLIPError, ValueError):
@@ -123,7 +132,9 @@ def explain_setup_errors(function: Callable[P, R]) -> Callable[P, R]:
         try:
             return function(*args, **kwargs)
         except AnomalyCLIPError as error:
-            logger.error("%s", error)
+            SETUP_ERRORS["last"] = error
+            if SETUP_ERRORS["log"]:
+                logger.error("%s", error)
             raise
 
     return wrapper

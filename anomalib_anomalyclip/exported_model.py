@@ -44,6 +44,7 @@ from anomalib.data import Batch, InferenceBatch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
@@ -148,6 +149,12 @@ class ExportedAnomalyCLIP(AnomalibModule):
         from .lightning_model import AnomalyCLIP
 
         return AnomalyCLIP.configure_evaluator()
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Write ``predictions.csv`` in ``predict`` as ``AnomalyCLIP`` does (same columns, same decision rule)."""
+        from .callbacks import PredictionCsvWriter
+
+        return [*super().configure_callbacks(), PredictionCsvWriter()]
 
     @property
     def learning_type(self) -> LearningType:

@@ -45,6 +45,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from ._registry import expose
+from .backbone import clip_source
 from .callbacks import ConvertingImageVisualizer, model_callbacks
 from .checkpoints import CheckedCheckpointLoading, restore_model_state, save_model_state
 from .data.references import load_references, missing_references, reference_source
@@ -379,7 +380,8 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the prompts, references and anomalib's components, not the frozen CLIP (see :mod:`.checkpoints`)."""
         super().on_save_checkpoint(checkpoint)
-        save_model_state(checkpoint, self.model, self.prompts_ready, self.references)
+        clip = clip_source(self.hparams.backbone, self.hparams.pretrained)
+        save_model_state(checkpoint, self.model, self.prompts_ready, self.references, clip)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Load the prompts (and a few-shot bank), with a clear error when they were made for another configuration."""

@@ -11,6 +11,11 @@ Thresholds come from validation:
   (image threshold) and of their pixels' map values (pixel threshold). ``1 -
   normal_quantile`` is the false-alarm rate the user accepts on normal images;
 * without any validation data, half of each range (the likelier prompt wins).
+
+Decisions (``pred_label``, ``pred_mask``) follow one rule, in eager runs and inside exported graphs alike: anomalous
+when the normalised value exceeds 0.5 by more than :data:`DECISION_MARGIN`. A threshold is an image's own score
+(adaptive F1) or a quantile of them, so one image sits exactly on it; an exported graph computes that score a few
+1e-7 apart, and a bare ``>`` gave it a different decision there.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from lightning.pytorch import LightningModule, Trainer
 logger = logging.getLogger(__name__)
 
 DEFAULT_NORMAL_QUANTILE = 0.99
+DECISION_MARGIN = 1e-5
+"""Normalised values up to ``0.5 + DECISION_MARGIN`` are normal (above the float noise of exported graphs)."""
 PIXEL_HISTOGRAM_BINS = 1 << 14  # pixel quantile resolution: 1/16384 of the map's range
 
 
@@ -65,6 +72,15 @@ class ProbabilityPostProcessor(PostProcessor):
     @property
     def _checkpoint_config_keys(self) -> tuple[str, ...]:
         return (*super()._checkpoint_config_keys, "normal_quantile", "threshold_origin")
+
+    @staticmethod
+    def _apply_threshold(preds: torch.Tensor | None, threshold: torch.Tensor) -> torch.Tensor | None:
+        """Anomalous where ``preds`` exceed ``threshold`` by more than :data:`DECISION_MARGIN` (also when exported)."""
+        if preds is None:
+            return preds
+        if not torch.compiler.is_compiling() and torch.isnan(threshold).item():
+            return preds
+        return preds > threshold + DECISION_MARGIN
 
     def set_probability_scale(self, pixel_max: float) -> None:
         """Fix the value ranges ([0, 1] scores, [0, ``pixel_max``] maps); thresholds at half of each."""

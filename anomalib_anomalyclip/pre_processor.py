@@ -12,7 +12,8 @@ batching, to 518 x 518:
 every dataset's augmentations, see :meth:`anomalib.data.AnomalibDataModule._update_augmentations`: each image
 is resized on its own in the dataset, before anomalib's collate could stretch mixed sizes to the largest
 one). Images: on CPU torch's 8-bit antialiased bicubic kernel (derived from Pillow's, within one grey level
-of PIL); elsewhere, and in exported graphs, the kernel's arithmetic (its 16-bit weights, its rounding) as
+of PIL when reducing; when enlarging, e.g. 400 x 300 to 518, within two grey levels on under 1 % of the values);
+elsewhere, and in exported graphs, the kernel's arithmetic (its 16-bit weights, its rounding) as
 two matrix products, with the same results (ONNX and OpenVINO run them as they are, whereas OpenVINO
 ignores the ``antialias`` attribute of ONNX's ``Resize``). Masks: PIL itself (its fixed-point rounding
 decides the pixels that lie on the 0.5 threshold).

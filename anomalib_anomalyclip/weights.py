@@ -160,7 +160,12 @@ def released_prompts_for(datamodule: object) -> ReleasedPrompts:
     ``anomalyclip-visa`` for MVTec AD (and datamodules derived from anomalib's ``MVTecAD``),
     ``anomalyclip-mvtec`` for everything else, as the authors evaluate.
     """
-    names = {cls.__name__ for cls in type(datamodule).__mro__}
+    return released_prompts_for_class(type(datamodule))
+
+
+def released_prompts_for_class(datamodule_class: type) -> ReleasedPrompts:
+    """:func:`released_prompts_for` from the datamodule's class (before it is built)."""
+    names = {cls.__name__ for cls in datamodule_class.__mro__}
     return RELEASED_PROMPTS["anomalyclip-visa" if names & {"MVTecAD", "MVTec"} else "anomalyclip-mvtec"]
 
 
@@ -234,6 +239,38 @@ def training_data_is_normal_only(datamodule: object) -> bool:
     if samples is None or "label_index" not in getattr(samples, "columns", ()):
         return False
     return bool(len(samples)) and not bool((samples["label_index"] == 1).any())
+
+
+def prompt_weights_problem(spec: str | None, cache_dir: str | None, online: bool) -> str | None:
+    """What is missing for ``prompt_weights=spec`` on this machine, without downloading (``None``: nothing).
+
+    A released name or URL is fine when cached, or when ``online`` (it is downloaded at the start of the run).
+
+    Args:
+        spec: the ``prompt_weights`` value.
+        cache_dir: the download cache (``None``: the package cache).
+        online: whether downloads can work.
+    """
+    if spec is None:
+        return None
+    text = str(spec).strip()
+    if _is_http_url(text) or text in RELEASED_PROMPTS:
+        cache = prompt_cache_dir(cache_dir)
+        plan = (
+            _released_download(RELEASED_PROMPTS[text], cache)
+            if text in RELEASED_PROMPTS
+            else _url_download(text, cache)
+        )
+        if plan.destination.is_file() or online:
+            return None
+        return (
+            f"the prompts{plan.label}: not in the cache ({plan.destination}) and there is no network. Download "
+            f"{plan.url} elsewhere and copy it to that path, or pass the file: --model.prompt_weights "
+            f"/path/to/{_example_filename(plan)}"
+        )
+    if Path(text).expanduser().is_file():
+        return None
+    return f"the prompts: no file '{text}'. Pass an existing prompt file with --model.prompt_weights"
 
 
 def prompt_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Callable
 from fractions import Fraction
@@ -51,9 +50,9 @@ def _plain_dict(path: Path) -> Path:
 BAD_FILES: dict[str, tuple[Callable[[Path], Path], type[Exception], str]] = {
     "missing": (lambda path: path, CheckpointNotFoundError, "Checkpoint file not found: '{path}'"),
     "folder": (lambda path: path.mkdir() or path, CheckpointFileError, "Checkpoint path '{path}' is not a file"),
-    "text": (_text, CheckpointFileError, "Cannot read '{path}' as a checkpoint: torch.load fails with"),
-    "empty": (_empty, CheckpointFileError, "Cannot read '{path}' as a checkpoint: torch.load fails with EOFError"),
-    "truncated": (_truncated_zip, CheckpointFileError, "Cannot read '{path}' as a checkpoint: torch.load fails with"),
+    "text": (_text, CheckpointFileError, "Cannot read '{path}' as a checkpoint: it is a text file"),
+    "empty": (_empty, CheckpointFileError, "Cannot read '{path}' as a checkpoint: it is an empty file"),
+    "truncated": (_truncated_zip, CheckpointFileError, "Cannot read '{path}' as a checkpoint: it is binary data"),
     "other dict": (_plain_dict, CheckpointFileError, "'{path}' is not a Lightning checkpoint: it lacks"),
 }
 
@@ -101,7 +100,9 @@ def test_engine_test_with_a_bad_ckpt_path_names_the_file(tiny_clip_path: Path, d
     path = _text(tmp_path / "notes.ckpt")
     datamodule = MVTecAD(root=data_root, category="alpha", num_workers=0)
     engine = Engine(default_root_dir=tmp_path / "run", logger=False)
-    with pytest.raises(CheckpointFileError, match=re.escape(f"Cannot read '{path}' as a checkpoint")) as raised:
+    with pytest.raises(
+        CheckpointFileError, match=re.escape(f"Cannot read '{path}' as a checkpoint: it is a text")
+    ) as raised:
         engine.test(_model(tiny_clip_path), datamodule=datamodule, ckpt_path=path)
     assert EXPECTED in str(raised.value)
 
@@ -125,9 +126,12 @@ def test_valid_checkpoints_load_unchanged(tiny_clip_path: Path, tiny_prompt_path
         assert torch.equal(loaded.model.prompt_learner.state_dict()[name], value)
 
 
-def test_untrusted_types_keep_torchs_error(tmp_path: Path) -> None:
-    """A pickle with a class that weights-only loading does not trust: torch's message says how to trust it."""
+def test_untrusted_types_are_refused_with_the_file_named(tmp_path: Path) -> None:
+    """A pickle with a class that weights-only loading does not trust: refused, naming the file and the class."""
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6", "value": Fraction(1, 2)}, path)
-    with pytest.raises(pickle.UnpicklingError, match=r"Unsupported global: GLOBAL fractions\.Fraction"):
+    with pytest.raises(
+        CheckpointFileError, match=re.escape(f"'{path}' as a checkpoint: it asks to load fractions.Fraction")
+    ) as raised:
         AnomalyCLIP.load_from_checkpoint(path)
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__

@@ -61,3 +61,17 @@ def test_normal_quantile_is_kept_in_the_checkpoint_configuration() -> None:
     assert restored.normal_quantile == 0.9
     with pytest.raises(ValueError, match="false-alarm rate"):
         ProbabilityPostProcessor(normal_quantile=0)
+
+
+def test_a_score_at_the_threshold_gets_one_decision_eager_and_exported() -> None:
+    """The image whose score is the threshold is normal whether it comes out at 0.5 or 1e-6 above (export noise)."""
+    import torch
+    from anomalib.data import InferenceBatch
+
+    from anomalib_anomalyclip.post_processor import DECISION_MARGIN, ProbabilityPostProcessor
+
+    processor = ProbabilityPostProcessor()
+    processor.set_probability_scale(1.0)
+    scores = torch.tensor([0.5, 0.5 + 1e-6, 0.5 + 2 * DECISION_MARGIN])
+    labels = processor(InferenceBatch(pred_score=scores, anomaly_map=torch.zeros(3, 1, 2, 2))).pred_label
+    assert labels.tolist() == [False, False, True]
