@@ -9,7 +9,7 @@
 * **Prompt training** (the paper's protocol): without ``prompt_weights``, ``fit`` learns the prompts on labelled
   images, e.g. :class:`anomalib_anomalyclip.data.AuxiliaryDataModule`; the CLIP stays frozen.
 
-Where the prompts come from is decided by :func:`.weights.plan_prompts`: with nothing to learn them from (normal
+Where the prompts come from is decided by :func:`.prompt_plan.plan_prompts`: with nothing to learn them from (normal
 fit data only, or no fit), the authors' released prompts trained on the other dataset; a ``fit`` on normal images
 then ends its training loop after one batch without a gradient step (:meth:`AnomalyCLIP.setup`). The computation
 is the torch model's (:mod:`.torch_model`); :mod:`.callbacks` keep the feature cache, check inputs and write
@@ -61,9 +61,10 @@ from .mutual import MutualFusion, MutualScoringConfig
 from .pool_scoring import PoolScores, score_run
 from .post_processor import DEFAULT_NORMAL_QUANTILE, ProbabilityPostProcessor
 from .pre_processor import PreprocessingName, clip_pre_processor
+from .prompt_plan import PromptPlan, plan_prompts
 from .prompts import AGNOSTIC_OBJECT, PromptType, PromptTypeName
 from .torch_model import AnomalyCLIPModel
-from .weights import PromptPlan, plan_prompts, resolve_prompt_weights
+from .weights import resolve_prompt_weights
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ found missing one per try, each inside a long report, and anomalib tries to down
 network, leaving an empty folder. :func:`missing_pieces` looks for all of them without downloading anything;
 downloads are left to the run when there is a network.
 
-The decisions mirror :func:`.weights.plan_prompts` (which prompts a run uses), :func:`.backbone.clip_weights_problem`
-and :func:`.weights.prompt_weights_problem` (where each file is looked for).
+The decisions mirror :func:`.prompt_plan.plan_prompts` (which prompts a run uses),
+:func:`.backbone.clip_weights_problem` and :func:`.weights.prompt_weights_problem` (where each file is looked for).
 """
 
 from __future__ import annotations

@@ -1,0 +1,83 @@
+"""Where a run's prompts come from: given, learned in ``fit``, or the authors' released prompts.
+
+One decision, :func:`plan_prompts`, taken when a fit is set up and again when a loop starts to score (after a
+checkpoint may have brought prompts); the prompts themselves are found by :mod:`.weights`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .weights import ReleasedPrompts, released_prompts_for
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """Where a run's prompts come from (see :func:`plan_prompts`).
+
+    Attributes:
+        learn: ``fit`` learns (or fine-tunes) the prompts.
+        released: released prompts to load first, or ``None``.
+        reason: why the released prompts are used (for the log line).
+    """
+
+    learn: bool
+    released: ReleasedPrompts | None = None
+    reason: str = ""
+
+
+def plan_prompts(
+    prompt_weights: str | None,
+    train_prompts: bool | None,
+    k_shot: int,
+    *,
+    ready: bool,
+    fitting: bool,
+    datamodule: object | None = None,
+) -> PromptPlan:
+    """Decide where the prompts of a run come from.
+
+    * Prompts are learned in ``fit`` when asked (``train_prompts=True``), or when none are given and
+      ``train_prompts`` is left open; never with ``k_shot`` (a few-shot model fits references, not prompts).
+    * When none are given and none can be learned (the fit data holds normal images only, as every anomalib
+      datamodule's train split, or the run does not fit), the authors' released prompts trained on the *other*
+      dataset are used (:func:`released_prompts_for`).
+
+    Args:
+        prompt_weights: the ``prompt_weights`` argument of the model.
+        train_prompts: the ``train_prompts`` argument (``None``: learn when no prompts are given).
+        k_shot: the number of few-shot references (0: zero-shot).
+        ready: the model holds usable prompts already (given, learned, or from a checkpoint).
+        fitting: the run is a ``fit`` (at set-up, before the first step).
+        datamodule: the run's datamodule, if any.
+
+    Raises:
+        ValueError: prompts must be learned (``train_prompts=True``) but the fit data holds normal images only.
+    """
+    chosen_by_data = prompt_weights is None and not train_prompts
+    wants_to_learn = not k_shot and (prompt_weights is None if train_prompts is None else bool(train_prompts))
+    if fitting and wants_to_learn:
+        if not training_data_is_normal_only(datamodule):
+            return PromptPlan(learn=True)
+        name = type(datamodule).__name__
+        if chosen_by_data:
+            return PromptPlan(
+                False, released_prompts_for(datamodule), f"the training data of {name} holds only normal images"
+            )
+        raise ValueError(
+            f"The training data of {name} holds only normal images, but AnomalyCLIP learns its prompts from labelled "
+            "normal and anomalous images (with masks where available). Train on an auxiliary labelled set with "
+            "--data anomalib_anomalyclip.data.AuxiliaryDataModule, or evaluate zero-shot with "
+            "--model.prompt_weights anomalyclip-mvtec (or a prompt file)."
+        )
+    if not ready and chosen_by_data:
+        return PromptPlan(False, released_prompts_for(datamodule), "no prompts were given and this run trains none")
+    return PromptPlan(learn=False)
+
+
+def training_data_is_normal_only(datamodule: object) -> bool:
+    """Whether the datamodule's train split is known to hold normal images only (anomalib's one-class data)."""
+    samples = getattr(getattr(datamodule, "train_data", None), "samples", None)
+    if samples is None or "label_index" not in getattr(samples, "columns", ()):
+        return False
+    return bool(len(samples)) and not bool((samples["label_index"] == 1).any())
