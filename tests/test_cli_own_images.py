@@ -72,7 +72,7 @@ def test_plain_folder_refuses_16_bit_and_transparent_images(workspace: Path, tin
     output = _predict(
         tiny_clip_path, "--model.prompt_weights", "prompts.pt", "--data", "./my_images", cwd=workspace, check=False
     )
-    assert "BadImageError: 2 of 3 images of PredictDataset cannot be used" in output
+    assert "ERROR: 2 of 3 images of PredictDataset cannot be used" in output
     assert "part_2_16bit.png: 16-bit grayscale" in output
     assert "--data anomalib_anomalyclip.data.PredictFolder --data.path <folder>" in output
 
@@ -82,11 +82,12 @@ def test_setup_errors_are_stated_on_their_own_line(workspace: Path, tiny_clip_pa
         tiny_clip_path, "--model.prompt_weights", "prompts.pt", "--model.n_ctx", "8", "--data", "./my_images",
         cwd=workspace, check=False,
     )  # fmt: skip
-    expected = "ERROR - Prompt checkpoint prompts.pt does not fit this model: it has n_ctx=12 context vectors"
-    assert re.search(rf"^.*{re.escape(expected)}.*$", output, re.MULTILINE)
+    expected = "ERROR: Prompt checkpoint prompts.pt does not fit this model: it has n_ctx=12 context vectors"
+    assert re.search(rf"^{re.escape(expected)}.*$", output, re.MULTILINE)
+    assert output.count("does not fit this model") == 1  # printed once, not in three reports
 
     output = _predict(
         tiny_clip_path, "--model.pretrained", "openai", "--model.prompt_weights", "prompts.pt",
         "--data", "./my_images", cwd=workspace, check=False,
     )  # fmt: skip
-    assert re.search(r"ERROR - Could not get the CLIP weights for ViT-L-14-336 .*--model\.pretrained", output)
+    assert re.search(r"(?s)ERROR: AnomalyCLIP cannot start.*the CLIP weights of ViT-L-14-336.*--model\.pretrained", output)
