@@ -90,4 +90,5 @@ def test_setup_errors_are_stated_on_their_own_line(workspace: Path, tiny_clip_pa
         tiny_clip_path, "--model.pretrained", "openai", "--model.prompt_weights", "prompts.pt",
         "--data", "./my_images", cwd=workspace, check=False,
     )  # fmt: skip
-    assert re.search(r"(?s)ERROR: AnomalyCLIP cannot start.*the CLIP weights of ViT-L-14-336.*--model\.pretrained", output)
+    missing_clip = r"(?s)ERROR: AnomalyCLIP cannot start.*the CLIP weights of ViT-L-14-336.*--model\.pretrained"
+    assert re.search(missing_clip, output)
