@@ -178,3 +178,21 @@ def test_fit_warns_when_synthetic_anomalies_fall_mostly_on_a_plain_background(
         assert "sources[0] (synthetic" in message and "plain" in message and "k_shot" in message
     else:
         assert not warnings
+
+
+def test_multi_seed_rows_round_trip_and_the_table_names_the_worst_kind(tmp_path: Path) -> None:
+    from anomalyclip_bench.synthetic_study import SeedRow, multi_seed_table, read_rows, seed_categories, write_row
+
+    for seed in range(3):
+        (obj,) = [name for name, kind in seed_categories(seed).items() if kind == "object"]
+        assert max(category_style(obj, seed, "object").background) < 0.5
+    rows = [
+        SeedRow("glocal, fraction 0.5", 0, 7, "a", "texture", (0.5, 0.4), (0.7, 0.8)),
+        SeedRow("glocal, fraction 0.5", 0, 7, "b", "object", (0.6, 0.5), (0.4, 0.6)),
+    ]
+    path = tmp_path / "rows.jsonl"
+    for row in rows:
+        write_row(path, row)
+    assert read_rows(path) == rows
+    line = multi_seed_table(rows).splitlines()[-1]
+    assert "| 55.0 / 45.0 | 55.0 / 70.0 | +0.0 / +25.0 | object -20.0 / +10.0 | -20.0 | 1 / 1 |" in line
