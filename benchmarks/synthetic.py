@@ -9,7 +9,7 @@ the same ``--work-dir`` reuses them (resume, or print the table of a partial run
 
 Usage::
 
-    python benchmarks/synthetic.py --work-dir /tmp/synthetic        # the README's table
+    python benchmarks/synthetic.py --work-dir /tmp/synthetic        # the README's table (about 30 min, 2 cores)
     python benchmarks/synthetic.py --data-seeds 0 --prompt-seeds 7 --settings glocal:0.5 --image-size 64
 """
 
@@ -34,6 +34,8 @@ from anomalyclip_bench.synthetic_study import (
     write_row,
 )
 
+SETTINGS = ("glocal:0.5", "local:0.75", "local:0.5", "glocal:0.75", "global:0.5", "glocal:0.25")
+
 
 def _setting(text: str) -> Setting:
     loss, fraction = text.split(":")
@@ -44,9 +46,9 @@ def main() -> None:
     """Run (or resume) the study and print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", type=_setting, nargs="+", help="loss:fraction pairs",
-                        default=[Setting("glocal", 0.5), Setting("local", 0.75), Setting("local", 0.5)])  # fmt: skip
-    parser.add_argument("--data-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--prompt-seeds", type=int, nargs="+", default=[7, 8])
+                        default=[_setting(text) for text in SETTINGS])  # fmt: skip
+    parser.add_argument("--data-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--prompt-seeds", type=int, nargs="+", default=[7, 8, 9])
     parser.add_argument("--epochs", type=int, default=SyntheticConfig.epochs)
     parser.add_argument("--lr", type=float, default=SyntheticConfig.lr)
     parser.add_argument("--image-size", type=int, default=112)
