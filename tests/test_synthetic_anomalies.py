@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,10 +13,10 @@ from PIL import Image
 from anomalib_anomalyclip.data.anomaly_synthesis import SYNTHETIC_LABEL
 from anomalib_anomalyclip.data.auxiliary import AuxiliaryDataModule
 from anomalib_anomalyclip.data.images import read_image, read_mask
-from anomalib_anomalyclip.data.synthetic_preview import PREVIEW_NAME
+from anomalib_anomalyclip.data.synthetic_preview import PREVIEW_NAME, SyntheticPreview
 from anomalib_anomalyclip.feature_cache import cacheable_inputs
 from anomalib_anomalyclip.lightning_model import AnomalyCLIP
-from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
+from anomalib_anomalyclip.testing.toy_data import category_style, make_mvtec_like_dataset
 
 KINDS = {"tex": "texture", "obj": "object", "gray": "grayscale"}
 
@@ -147,3 +148,51 @@ def test_prompts_adapted_on_normal_images_score_real_defects_better(
     # Measured on this data: image AUROC 0.521 -> 0.646, pixel AUROC 0.341 -> 0.778 (three categories' mean).
     assert image - start_image >= 0.1
     assert pixel - start_pixel >= 0.1
+
+
+@pytest.fixture(scope="module")
+def backgrounds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An object on a dark background and a striped texture, 8 normal images each."""
+    root = tmp_path_factory.mktemp("synthetic_backgrounds") / "data"
+    kinds = {"object_0": "object", "texture_3": "texture"}
+    assert max(category_style("object_0", 0, "object").background) < 0.2  # dark
+    return make_mvtec_like_dataset(
+        root, list(kinds), kinds=kinds, image_size=56, n_train_good=8, n_test_good=1, n_test_defect=1
+    )
+
+
+@pytest.mark.parametrize(("category", "warned"), [("object_0", True), ("texture_3", False)])
+def test_fit_warns_when_synthetic_anomalies_fall_mostly_on_a_plain_background(
+    backgrounds: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, category: str, warned: bool
+) -> None:
+    datamodule = _datamodule({"format": "synthetic", "root": str(backgrounds / category), "output_dir": str(tmp_path)})
+    trainer = SimpleNamespace(
+        datamodule=datamodule, is_global_zero=True, checkpoint_callback=None, default_root_dir=str(tmp_path / "run")
+    )
+    with caplog.at_level(logging.WARNING, logger="anomalib_anomalyclip"):
+        SyntheticPreview().on_fit_start(trainer, None)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert (tmp_path / "run" / PREVIEW_NAME).is_file()
+    if warned:
+        (message,) = warnings
+        assert "sources[0] (synthetic" in message and "plain" in message and "k_shot" in message
+    else:
+        assert not warnings
+
+
+def test_multi_seed_rows_round_trip_and_the_table_names_the_worst_kind(tmp_path: Path) -> None:
+    from anomalyclip_bench.synthetic_study import SeedRow, multi_seed_table, read_rows, seed_categories, write_row
+
+    for seed in range(3):
+        (obj,) = [name for name, kind in seed_categories(seed).items() if kind == "object"]
+        assert max(category_style(obj, seed, "object").background) < 0.5
+    rows = [
+        SeedRow("glocal, fraction 0.5", 0, 7, "a", "texture", (0.5, 0.4), (0.7, 0.8)),
+        SeedRow("glocal, fraction 0.5", 0, 7, "b", "object", (0.6, 0.5), (0.4, 0.6)),
+    ]
+    path = tmp_path / "rows.jsonl"
+    for row in rows:
+        write_row(path, row)
+    assert read_rows(path) == rows
+    line = multi_seed_table(rows).splitlines()[-1]
+    assert "| 55.0 / 45.0 | 55.0 / 70.0 | +0.0 / +25.0 | object -20.0 / +10.0 | -20.0 | 1 / 1 |" in line
