@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from anomalib.data import InferenceBatch, PredictDataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .callbacks import loaders_of
@@ -100,7 +101,8 @@ def score_run(module: AnomalyCLIP, dataloaders: Any, previous: PoolScores | None
     keys: list[str] = []
     members: list[PoolMember] = []
     for loader in loaders_of(dataloaders):
-        for batch in tqdm(loader, desc="Encoding the images of the pool", leave=False, disable=_quiet(module)):
+        description = "Encoding the images of the pool"
+        for batch in tqdm(_own_iteration(loader), desc=description, leave=False, disable=_quiet(module)):
             batch_paths = [str(path) for path in batch.image_path]
             members.extend(_split(_encode(module, batch.image), len(batch_paths)))
             paths.extend(batch_paths)
@@ -165,6 +167,21 @@ def _file_stamp(path: str) -> tuple[str, int, int]:
     except OSError:
         return path, -1, -1
     return path, stat.st_size, stat.st_mtime_ns
+
+
+def _own_iteration(loader: DataLoader) -> DataLoader:
+    """A loader over the same batches as ``loader`` whose iteration leaves the loop's own iteration alone.
+
+    Lightning's predict loop wraps a loader's batch sampler (``_IndexBatchSamplerWrapper``, which records the indices
+    of each batch) in an object that is its own iterator: a second iteration of the loader would take the batches
+    of the loop's iteration, and the loop would then predict nothing. The wrapped batch sampler (under DDP, with its
+    ``DistributedSampler``) is iterated on its own instead.
+    """
+    wrapped = getattr(loader.batch_sampler, "_batch_sampler", None)
+    if wrapped is None:
+        return loader
+    workers = loader.num_workers
+    return DataLoader(loader.dataset, batch_sampler=wrapped, num_workers=workers, collate_fn=loader.collate_fn)
 
 
 def _quiet(module: AnomalyCLIP) -> bool:
