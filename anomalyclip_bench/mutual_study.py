@@ -2,11 +2,14 @@
 
 The study (run by ``benchmarks/mutual.py``, asserted by ``tests/test_mutual_scoring_model.py``, numbers in the README):
 
-1. trains prompts on the auxiliary categories of :mod:`.few_shot_study` (dark or bright blobs), once;
-2. for each data seed, generates target categories of three kinds (texture, object on a background, grayscale) in two
-   test splits: ``varied`` (blobs, scratches, coloured stains and spots, the same number of each, 20-40 % of the
-   images anomalous) and ``repeated`` (most anomalous images hold a stain of the category's one colour: the same
-   defect again and again, the known weak case of scoring images against each other);
+1. for each data seed, trains prompts on the auxiliary categories of :mod:`.few_shot_study` generated with that seed
+   (dark or bright blobs), as the few-shot study does;
+2. generates target categories of three kinds (texture, object on a background, grayscale) with the same seed, in
+   two test splits (:data:`SPLITS`): ``varied`` (blobs, scratches, coloured stains and spots, two of each, among 16
+   normal images: 33 % anomalous) and ``repeated`` (10 of the 12 anomalous images hold a stain of the category's one
+   colour, among 18 normal images: 40 %); with 30 images, each image is compared with its 8 nearest others, fewer
+   than the 9 other stains: the same defect again and again, the known weak case of scoring images against each
+   other;
 3. runs anomalib's ``Engine.test`` on each category (``MVTecAD`` over the generated folder, the user's path) once per
    setting of :data:`SETTINGS` and ``k_shot``: the prompts alone, the mutual score and map alone, and the two fused
    (each with and without RsCIN), and keeps image and pixel AUROC;
@@ -63,12 +66,26 @@ SETTING_TITLES = {
     "fused": "fused",
     "fused_rscin": "fused + RsCIN",
 }
-VARIED_DEFECTS = ("blob", "scratch", "stain", "spots")
-SPLITS: dict[str, dict[str, int]] = {
-    "varied": dict.fromkeys(VARIED_DEFECTS, 2),
-    "repeated": {"stain": 7, "blob": 1, "spots": 1},
+
+
+@dataclass(frozen=True)
+class Split:
+    """A test split of every target category: its normal images and its anomalous images per defect kind."""
+
+    normal: int
+    defects: Mapping[str, int]
+
+    @property
+    def size(self) -> int:
+        """Images of the split (one pool)."""
+        return self.normal + sum(self.defects.values())
+
+
+SPLITS: dict[str, Split] = {
+    "varied": Split(16, dict.fromkeys(("blob", "scratch", "stain", "spots"), 2)),
+    "repeated": Split(18, {"stain": 10, "blob": 1, "spots": 1}),
 }
-"""Anomalous test images per defect kind of each split (with ``n_test_good`` normal ones: 33 % and 36 %)."""
+"""The study's test splits (see the module's documentation)."""
 
 
 @dataclass(frozen=True)
@@ -78,12 +95,11 @@ class MutualStudyConfig:
     Attributes:
         image_size: side of the generated images and of the model input.
         epochs: prompt-training epochs on the auxiliary categories.
-        seeds: data seeds of the target categories (the prompts are trained once, on seed 0's auxiliary data).
+        seeds: data seeds (of the auxiliary categories the prompts are trained on, and of the target categories).
         shots: the ``k_shot`` of each setting (0: zero-shot).
         settings: names from :data:`SETTINGS`.
         splits: names from :data:`SPLITS`.
         n_train_good: normal train images per target category (the few-shot references come from them).
-        n_test_good: normal test images per target category.
         mutual_blocks: visual blocks compared by mutual scoring.
         pool_sizes: ``mutual_pool_size`` values of the pool-size study.
     """
@@ -95,18 +111,21 @@ class MutualStudyConfig:
     settings: Sequence[str] = tuple(SETTINGS)
     splits: Sequence[str] = tuple(SPLITS)
     n_train_good: int = 6
-    n_test_good: int = 16
     mutual_blocks: Sequence[int] = (6, 12, 18, 24)
     pool_sizes: Sequence[int] = (12, 8, 5)
     categories: Mapping[str, str] = field(default_factory=lambda: dict(TARGET_KINDS))
 
 
-def prepare_prompts(work_dir: Path, clip_path: Path, config: MutualStudyConfig) -> Path:
-    """Prompts trained on the auxiliary categories (seed 0), saved as a prompt file."""
-    auxiliary = generate_auxiliary(work_dir / "auxiliary", config.image_size, seed=0)
-    study = StudyConfig(image_size=config.image_size, epochs=config.epochs, seed=0)
-    model = train_prompts(auxiliary, clip_path, work_dir / "prompt_training", study)
-    return model.model.save_prompts(work_dir / "prompts.pt")
+def prepare_prompts(work_dir: Path, clip_path: Path, config: MutualStudyConfig) -> dict[int, Path]:
+    """For each seed, prompts trained on the auxiliary categories generated with it, saved as a prompt file."""
+    files = {}
+    for seed in config.seeds:
+        folder = work_dir / f"seed_{seed}"
+        auxiliary = generate_auxiliary(folder / "auxiliary", config.image_size, seed=seed)
+        study = StudyConfig(image_size=config.image_size, epochs=config.epochs, seed=seed)
+        model = train_prompts(auxiliary, clip_path, folder / "prompt_training", study)
+        files[seed] = model.model.save_prompts(folder / "prompts.pt")
+    return files
 
 
 def generate_targets(root: Path, split: str, seed: int, config: MutualStudyConfig) -> Path:
@@ -116,71 +135,93 @@ def generate_targets(root: Path, split: str, seed: int, config: MutualStudyConfi
         list(config.categories),
         image_size=config.image_size,
         n_train_good=config.n_train_good,
-        n_test_good=config.n_test_good,
-        n_test_defect=SPLITS[split],
-        defects=tuple(SPLITS[split]),
+        n_test_good=SPLITS[split].normal,
+        n_test_defect=SPLITS[split].defects,
+        defects=tuple(SPLITS[split].defects),
         seed=seed,
         overwrite=True,
         kinds=dict(config.categories),
     )
 
 
-def evaluate_split(work_dir: Path, clip_path: Path, prompts: Path, split: str, config: MutualStudyConfig) -> list[Row]:
-    """One row per seed, category, ``k_shot`` and setting of ``split``."""
+def evaluate_split(
+    work_dir: Path, clip_path: Path, prompts: Mapping[int, Path], split: str, config: MutualStudyConfig
+) -> list[Row]:
+    """One row per seed, category, ``k_shot`` and setting of ``split`` (``prompts``: the prompt file of each seed)."""
+    models = StudyModels(clip_path, work_dir, config)
     rows = []
     for seed in config.seeds:
-        root = generate_targets(work_dir / "targets" / f"{split}_{seed}", split, seed, config)
+        root = generate_targets(work_dir / f"seed_{seed}" / split, split, seed, config)
         for category, kind in config.categories.items():
             for k_shot in config.shots:
                 for setting in config.settings:
                     arguments = {**SETTINGS[setting], "k_shot": k_shot}
-                    image, pixel = score_category(root, category, clip_path, prompts, work_dir, config, arguments)
+                    image, pixel = models.test(root, category, prompts[seed], arguments)
                     rows.append(Row(category, kind, k_shot, setting, image, pixel, seed=seed, split=split))
     return rows
 
 
-def pool_size_rows(work_dir: Path, clip_path: Path, prompts: Path, config: MutualStudyConfig) -> list[Row]:
+def pool_size_rows(
+    work_dir: Path, clip_path: Path, prompts: Mapping[int, Path], config: MutualStudyConfig
+) -> list[Row]:
     """Zero-shot ``fused`` and ``mutual`` rows of the varied split at each of ``config.pool_sizes``.
 
     The setting of a row is ``<setting>@<pool size>``; the whole pool's rows are those of :func:`evaluate_split`.
     """
+    models = StudyModels(clip_path, work_dir, config)
     rows = []
     for seed in config.seeds:
-        root = generate_targets(work_dir / "targets" / f"varied_{seed}", "varied", seed, config)
+        root = generate_targets(work_dir / f"seed_{seed}" / "varied", "varied", seed, config)
         for category, kind in config.categories.items():
             for setting in ("mutual", "fused"):
                 for size in config.pool_sizes:
                     arguments = {**SETTINGS[setting], "mutual_pool_size": size}
-                    image, pixel = score_category(root, category, clip_path, prompts, work_dir, config, arguments)
+                    image, pixel = models.test(root, category, prompts[seed], arguments)
                     rows.append(Row(category, kind, 0, f"{setting}@{size}", image, pixel, seed=seed, split="varied"))
     return rows
 
 
-def score_category(
-    root: Path,
-    category: str,
-    clip_path: Path,
-    prompts: Path,
-    work_dir: Path,
-    config: MutualStudyConfig,
-    arguments: Mapping[str, Any],
-) -> tuple[float, float]:
-    """Image and pixel AUROC of ``anomalib``'s ``Engine.test`` of AnomalyCLIP with ``arguments`` on ``category``."""
-    model = AnomalyCLIP(
-        pretrained=str(clip_path),
-        image_size=config.image_size,
-        prompt_weights=str(prompts),
-        mutual_blocks=tuple(config.mutual_blocks),
-        evaluator=_auroc_evaluator(),
-        visualizer=False,
-        **arguments,
-    )
-    datamodule = MVTecAD(root=root, category=category, eval_batch_size=32, num_workers=0)
-    engine = Engine(
-        default_root_dir=work_dir / "runs", accelerator="cpu", devices=1, logger=False, enable_progress_bar=False
-    )
-    (metrics,) = engine.test(model, datamodule=datamodule, verbose=False)
-    return float(metrics["image_AUROC"]), float(metrics["pixel_AUROC"])
+class StudyModels:
+    """The study's AnomalyCLIP models, one per prompt file and set of arguments, reused from category to category.
+
+    As in the benchmark harness: the CLIP and the prompts do not depend on the category, so a model is built (and its
+    text features computed) once; each ``Engine.test`` then validates and tests it on one category.
+
+    Args:
+        clip_path: the CLIP checkpoint.
+        work_dir: where anomalib's runs go (``runs/``).
+        config: the study's sizes (image size, mutual blocks).
+    """
+
+    def __init__(self, clip_path: Path, work_dir: Path, config: MutualStudyConfig) -> None:
+        self.clip_path, self.work_dir, self.config = clip_path, work_dir, config
+        self._models: dict[tuple, AnomalyCLIP] = {}
+
+    def test(self, root: Path, category: str, prompts: Path, arguments: Mapping[str, Any]) -> tuple[float, float]:
+        """Image and pixel AUROC of ``Engine.test`` of the model with ``arguments`` on ``category`` under ``root``."""
+        model = self.model(prompts, arguments)
+        datamodule = MVTecAD(root=root, category=category, eval_batch_size=32, num_workers=0)
+        engine = Engine(
+            default_root_dir=self.work_dir / "runs", accelerator="cpu", devices=1, logger=False,
+            enable_progress_bar=False,
+        )  # fmt: skip
+        (metrics,) = engine.test(model, datamodule=datamodule, verbose=False)
+        return float(metrics["image_AUROC"]), float(metrics["pixel_AUROC"])
+
+    def model(self, prompts: Path, arguments: Mapping[str, Any]) -> AnomalyCLIP:
+        """The model with ``prompts`` and ``arguments`` (built on first use)."""
+        key = (str(prompts), *sorted(arguments.items()))
+        if key not in self._models:
+            self._models[key] = AnomalyCLIP(
+                pretrained=str(self.clip_path),
+                image_size=self.config.image_size,
+                prompt_weights=str(prompts),
+                mutual_blocks=tuple(self.config.mutual_blocks),
+                evaluator=_auroc_evaluator(),
+                visualizer=False,
+                **arguments,
+            )
+        return self._models[key]
 
 
 def _auroc_evaluator() -> Evaluator:

@@ -8,7 +8,7 @@ stain) and the pool-size study (``mutual_pool_size`` below the pool's size, zero
 
 Usage::
 
-    python benchmarks/mutual.py                                   # tiny random CLIP, seeds 0 1 2 (about 30 min)
+    python benchmarks/mutual.py                                   # tiny random CLIP, seeds 0 1 2 (about 45 min)
     python benchmarks/mutual.py --seeds 0 --splits varied --no-pool-sizes   # a quick look
     python benchmarks/mutual.py --json results/mutual_study.json
 """
@@ -79,9 +79,8 @@ def _report(rows: dict[str, list[Row]], pools: list[Row], config: MutualStudyCon
         print(f"\n{split} split, mean over {len(config.categories)} categories and seeds {seeds} (range over seeds):")
         print(markdown_table(split_rows, config.settings))
     if pools and "varied" in rows:
-        pool = config.n_test_good + sum(SPLITS["varied"].values())
         print(f"\nPool size, varied split, k_shot = 0, seeds {seeds}:")
-        print(pool_size_table(pools, rows["varied"], pool))
+        print(pool_size_table(pools, rows["varied"], SPLITS["varied"].size))
 
 
 if __name__ == "__main__":
