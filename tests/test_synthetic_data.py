@@ -91,8 +91,11 @@ def test_masks_cover_the_painted_defects(dataset_root: Path) -> None:
         assert inside < 0.15 or inside > 0.85, f"defect of {mask_path} is not saturated: {inside:.2f}"
 
 
-@pytest.mark.parametrize("kind", DEFECT_KINDS)
-@pytest.mark.parametrize("size", [16, 64, 128])
+@pytest.mark.parametrize(
+    ("kind", "size"),
+    [(kind, size) for kind in DEFECT_KINDS for size in (16, 64, 128)]
+    + [(kind, size) for kind in ("stain", "spots") for size in (32, 128)],  # a 16 px image holds a spot or two
+)
 def test_defect_coverage_is_a_few_percent(kind: str, size: int) -> None:
     rng = np.random.default_rng(0)
     coverages = []
@@ -101,20 +104,6 @@ def test_defect_coverage_is_a_few_percent(kind: str, size: int) -> None:
         defective, mask = add_defect(image, kind, rng)
         assert defective.shape == image.shape
         assert np.array_equal(defective[~mask], image[~mask])
-        coverages.append(mask.mean())
-    assert min(coverages) >= 0.02 and max(coverages) <= 0.16
-    assert 0.04 <= float(np.mean(coverages)) <= 0.11
-
-
-@pytest.mark.parametrize("kind", ["stain", "spots"])
-@pytest.mark.parametrize("size", [32, 128])
-def test_stains_and_spots_cover_a_few_percent(kind: str, size: int) -> None:
-    rng = np.random.default_rng(0)
-    coverages = []
-    for _ in range(40):
-        image = render_normal_image(category_style("alpha"), size, rng)
-        defective, mask = add_defect(image, kind, rng)
-        assert np.array_equal(defective[~mask], image[~mask]) and mask.any()
         coverages.append(mask.mean())
     assert min(coverages) >= 0.02 and max(coverages) <= 0.16
     assert 0.04 <= float(np.mean(coverages)) <= 0.11
