@@ -183,6 +183,7 @@ def test_the_parser_lists_the_fusions(tiny_clip_path: Path, capsys: pytest.Captu
         ({"mutual_blocks": [6, 30]}, r"mutual_blocks \[30\] outside the visual transformer's blocks 1..24"),
         ({"mutual_pool_size": 3}, r"mutual_pool_size=3 is below .* 5 images"),
     ],
+    ids=["fraction-0", "fraction-1.5", "even-radius", "negative-radius", "missing-block", "pool-size-3"],
 )
 def test_bad_settings_fail_at_construction_with_a_clear_message(
     tiny_clip_path: Path, tiny_prompt_path: Path, arguments: dict, message: str, caplog: pytest.LogCaptureFixture
