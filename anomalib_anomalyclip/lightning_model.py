@@ -407,7 +407,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         self._require_prompts()
         if self.model.k_shot:
             self.collect_references(required=True)
-        self.pool_scores = score_run(self, dataloaders) if self.model.mutual_scoring else None
+        self.pool_scores = score_run(self, dataloaders, self.pool_scores) if self.model.mutual_scoring else None
 
     def prepare_export(self) -> None:
         """Refuse to export untrained prompts, an empty few-shot bank, or mutual scoring (it needs a pool)."""

@@ -56,9 +56,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .errors import AnomalyCLIPError
+
 CHUNK_TOKENS = 8192  # reference tokens per matrix product (whole images, at least one): bounds L x CHUNK_TOKENS
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, as in MuSc
 MutualFusion = Literal["mean", "mutual"]
+
+
+class MutualScoringError(AnomalyCLIPError, ValueError):
+    """Mutual scoring cannot run with these settings, or on a pool this small (messages name the model's arguments)."""
 
 
 def neighbours_kept(pool: int, fraction: float) -> int:
@@ -77,27 +83,32 @@ def minimum_pool(fraction: float) -> int:
 
 
 def check_pool(pool: int, fraction: float) -> None:
-    """Raise ``ValueError`` when a pool of ``pool`` images is too small for ``fraction``."""
+    """Raise :class:`MutualScoringError` when a pool of ``pool`` images is too small for ``fraction``."""
     minimum = minimum_pool(fraction)
     if pool < minimum:
-        raise ValueError(
+        raise MutualScoringError(
             f"Mutual scoring needs a pool of at least {minimum} images at fraction={fraction} "
             f"(int((N - 1) * fraction) must be at least 1), got a pool of {pool}."
         )
 
 
 def check_radii(radii: Sequence[int]) -> None:
-    """Raise ``ValueError`` unless ``radii`` is a non-empty sequence of odd positive integers."""
+    """Raise :class:`MutualScoringError` unless ``radii`` is a non-empty sequence of odd positive integers."""
     if len(radii) == 0:
-        raise ValueError("Mutual scoring needs at least one LNAMD radius, got none.")
+        raise MutualScoringError("Mutual scoring needs at least one LNAMD radius (mutual_radii), got none.")
     for radius in radii:
         if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1 or radius % 2 == 0:
-            raise ValueError(f"LNAMD radii must be odd positive integers (1, 3, 5, ...), got {radius!r}.")
+            raise MutualScoringError(
+                f"LNAMD radii (mutual_radii) must be odd positive integers (1, 3, 5, ...), got {radius!r}."
+            )
 
 
 @dataclass(frozen=True)
 class MutualScoringConfig:
     """Settings of mutual scoring, checked.
+
+    Bad settings raise :class:`MutualScoringError`, whose messages name the arguments of
+    :class:`~anomalib_anomalyclip.AnomalyCLIP` (``mutual_fraction`` for ``fraction``, ...).
 
     Attributes:
         blocks: visual blocks whose patch tokens are scored (one token tensor per block).
@@ -118,17 +129,20 @@ class MutualScoringConfig:
 
     def __post_init__(self) -> None:
         if len(self.blocks) == 0:
-            raise ValueError("Mutual scoring needs at least one visual block, got blocks=().")
+            raise MutualScoringError("Mutual scoring needs at least one visual block (mutual_blocks), got none.")
         check_radii(self.radii)
         if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must lie in (0, 1], got {self.fraction}.")
+            raise MutualScoringError(
+                f"mutual_fraction must lie in (0, 1], got {self.fraction}: it is the share of the other images of "
+                "the pool whose nearest-patch distances are averaged (0.3 in MuSc)."
+            )
         if self.pool_size < self.min_pool:
-            raise ValueError(
-                f"pool_size={self.pool_size} is below the smallest pool mutual scoring works with: "
+            raise MutualScoringError(
+                f"mutual_pool_size={self.pool_size} is below the smallest pool mutual scoring works with: "
                 f"{self.min_pool} images at fraction={self.fraction}."
             )
         if self.rscin_k is not None and any(k < 1 for k in self.rscin_k):
-            raise ValueError(f"RsCIN neighbourhood sizes must be positive, got rscin_k={self.rscin_k}.")
+            raise MutualScoringError(f"RsCIN neighbourhood sizes must be positive, got rscin_k={self.rscin_k}.")
 
     @property
     def min_pool(self) -> int:
@@ -301,7 +315,7 @@ def split_pool(count: int, pool_size: int, seed: int, minimum: int) -> list[torc
         Sorted (CPU, int64) index tensors that partition ``range(count)``.
     """
     if count < minimum:
-        raise ValueError(f"Mutual scoring needs a pool of at least {minimum} images, got a pool of {count}.")
+        raise MutualScoringError(f"Mutual scoring needs a pool of at least {minimum} images, got a pool of {count}.")
     if count <= pool_size:
         return [torch.arange(count)]
     chunks = min(math.ceil(count / pool_size), count // minimum)

@@ -13,40 +13,54 @@ Images of a pool are ordered by path, so subsets (``mutual_pool_size``) do not d
 pool smaller than the minimum (5 images at ``mutual_fraction=0.3``) stops the run with :class:`MutualPoolError`.
 Under DDP every process gathers the encoded images of all processes, so each image is scored against the whole
 pool; each process then looks up its own images.
+
+A loop over the same image files as the previous loop, with the same prompts, references and settings, reuses the
+previous loop's scores (:func:`run_signature`): ``Engine.test`` of a zero-shot model validates on the test images
+first, and the encoder still runs once per image.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from anomalib.data import InferenceBatch, PredictDataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .callbacks import loaders_of
 from .data.predict import ImageFolderDataset
-from .errors import AnomalyCLIPError
+from .mutual import MutualScoringError
 from .torch_model import PoolMember
 
 if TYPE_CHECKING:
     from .lightning_model import AnomalyCLIP
 
-__all__ = ["MutualPoolError", "PoolScores", "pool_keys", "score_run"]
+__all__ = ["MutualPoolError", "PoolScores", "pool_keys", "run_signature", "score_run"]
+
+logger = logging.getLogger(__name__)
 
 
-class MutualPoolError(AnomalyCLIPError, ValueError):
+class MutualPoolError(MutualScoringError):
     """A pool of images is too small for mutual scoring, or an image was not in the run's pools."""
 
 
 class PoolScores:
-    """Scores and maps of a run's images, by image path."""
+    """Scores and maps of a run's images, by image path.
 
-    def __init__(self) -> None:
+    Args:
+        signature: what the scores depend on (:func:`run_signature`); ``None``: unknown, never reused.
+    """
+
+    def __init__(self, signature: Hashable | None = None) -> None:
         self._by_path: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.signature = signature
 
     def __len__(self) -> int:
         return len(self._by_path)
@@ -65,12 +79,13 @@ class PoolScores:
         return InferenceBatch(pred_score=torch.stack(scores).to(device), anomaly_map=torch.stack(maps).to(device))
 
 
-def score_run(module: AnomalyCLIP, dataloaders: Any) -> PoolScores:
+def score_run(module: AnomalyCLIP, dataloaders: Any, previous: PoolScores | None = None) -> PoolScores:
     """Encode every image of ``dataloaders`` once, pool them, and score each pool mutually.
 
     Args:
         module: the AnomalyCLIP module (its pre-processor and torch model; mutual scoring switched on).
         dataloaders: the loop's dataloader(s), as the trainer holds them.
+        previous: the scores of the previous loop, returned as they are when nothing they depend on changed.
 
     Returns:
         The scores and maps of every image of the run (all processes' images under DDP).
@@ -78,17 +93,22 @@ def score_run(module: AnomalyCLIP, dataloaders: Any) -> PoolScores:
     Raises:
         MutualPoolError: a pool holds fewer images than mutual scoring needs.
     """
+    signature = run_signature(module, dataloaders)
+    if previous is not None and signature is not None and previous.signature == signature:
+        logger.info("Mutual scoring: the %d images of this loop were scored in the previous one.", len(previous))
+        return previous
     paths: list[str] = []
     keys: list[str] = []
     members: list[PoolMember] = []
     for loader in loaders_of(dataloaders):
-        for batch in tqdm(loader, desc="Encoding the images of the pool", leave=False):
+        description = "Encoding the images of the pool"
+        for batch in tqdm(_own_iteration(loader), desc=description, leave=False, disable=_quiet(module)):
             batch_paths = [str(path) for path in batch.image_path]
             members.extend(_split(_encode(module, batch.image), len(batch_paths)))
             paths.extend(batch_paths)
             keys.extend(pool_keys(loader.dataset, batch_paths))
     paths, keys, members = _gathered(paths, keys, members)
-    scores = PoolScores()
+    scores = PoolScores(signature)
     for key, indices in _pools(paths, keys).items():
         pool = [members[index] for index in indices]
         _check_pool_size(module, key, len(pool))
@@ -105,6 +125,69 @@ def pool_keys(dataset: object, paths: Sequence[str]) -> list[str]:
     if isinstance(dataset, PredictDataset | ImageFolderDataset):
         return [str(Path(path).parent) for path in paths]
     return ["" for _ in paths]
+
+
+def run_signature(module: AnomalyCLIP, dataloaders: Any) -> Hashable | None:
+    """What the scores of a loop depend on: its image files and the model's scoring state.
+
+    The files are each loader's dataset's image paths with their sizes and modification times (and the dataset's
+    augmentations); the state is a digest of the prompts' text features, the few-shot references, the mutual
+    scoring settings and the fusion. ``None`` when a dataset does not list its images.
+    """
+    files = []
+    for loader in loaders_of(dataloaders):
+        paths = _dataset_paths(loader.dataset)
+        if paths is None:
+            return None
+        stamps = tuple(sorted(_file_stamp(path) for path in paths))
+        files.append((repr(getattr(loader.dataset, "augmentations", None)), stamps))
+    if not files:
+        return None
+    text_features = module.model.inference_text_features().detach().float().cpu().contiguous()
+    digest = hashlib.sha256(text_features.numpy().tobytes()).hexdigest()
+    state = (digest, tuple(module.references), module.model.mutual_scoring, module.hparams.mutual_fusion)
+    return tuple(files), state
+
+
+def _dataset_paths(dataset: object) -> list[str] | None:
+    """The image files of an anomalib dataset, a ``PredictDataset`` or an ``ImageFolderDataset``; else ``None``."""
+    samples = getattr(dataset, "samples", None)
+    if samples is not None and "image_path" in getattr(samples, "columns", ()):
+        return [str(path) for path in samples["image_path"]]
+    for attribute in ("image_filenames", "paths"):
+        paths = getattr(dataset, attribute, None)
+        if paths is not None:
+            return [str(path) for path in paths]
+    return None
+
+
+def _file_stamp(path: str) -> tuple[str, int, int]:
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return path, -1, -1
+    return path, stat.st_size, stat.st_mtime_ns
+
+
+def _own_iteration(loader: DataLoader) -> DataLoader:
+    """A loader over the same batches as ``loader`` whose iteration leaves the loop's own iteration alone.
+
+    Lightning's predict loop wraps a loader's batch sampler (``_IndexBatchSamplerWrapper``, which records the indices
+    of each batch) in an object that is its own iterator: a second iteration of the loader would take the batches
+    of the loop's iteration, and the loop would then predict nothing. The wrapped batch sampler (under DDP, with its
+    ``DistributedSampler``) is iterated on its own instead.
+    """
+    wrapped = getattr(loader.batch_sampler, "_batch_sampler", None)
+    if wrapped is None:
+        return loader
+    workers = loader.num_workers
+    return DataLoader(loader.dataset, batch_sampler=wrapped, num_workers=workers, collate_fn=loader.collate_fn)
+
+
+def _quiet(module: AnomalyCLIP) -> bool:
+    """No progress bar where the trainer shows none (``enable_progress_bar=False``)."""
+    trainer = getattr(module, "_trainer", None)
+    return trainer is not None and trainer.progress_bar_callback is None
 
 
 def _encode(module: AnomalyCLIP, images: torch.Tensor) -> PoolMember:

@@ -28,7 +28,7 @@ from .backbone import load_clip
 from .dpam import DpamKind, DualPathVisualEncoder, Tap, TokenPath, check_layers
 from .few_shot import FewShotFusion, FewShotScorer, FewShotSettings
 from .inference_model import AnomalyCLIPInferenceModel, score_features, score_images
-from .mutual import MutualFusion, MutualScoringConfig, fuse_with_prompts
+from .mutual import MutualFusion, MutualScoringConfig, MutualScoringError, fuse_with_prompts
 from .mutual import score_pool as score_mutually
 from .prompts import AGNOSTIC_OBJECT, PromptConfig, PromptLearner, PromptTextEncoder, PromptType, save_prompts
 from .scoring import GaussianSmoothing, patch_probability_maps, similarity_logits
@@ -197,8 +197,15 @@ class AnomalyCLIPModel(nn.Module):
         self.few_shot_settings = settings
 
     def use_mutual_scoring(self, config: MutualScoringConfig) -> None:
-        """Score images against the other images of their pool too (see :mod:`.mutual`); its blocks must exist."""
-        check_layers(config.blocks, self.visual_encoder.depth, "mutual_blocks")
+        """Score images against the other images of their pool too (see :mod:`.mutual`); its blocks must exist.
+
+        Raises:
+            MutualScoringError: a block of ``config`` is not one of the visual transformer's.
+        """
+        try:
+            check_layers(config.blocks, self.visual_encoder.depth, "mutual_blocks")
+        except ValueError as error:
+            raise MutualScoringError(f"{error} Choose blocks of this backbone, e.g. the last one.") from None
         self.mutual_scoring = config
 
     def encode_pool_member(self, images: torch.Tensor) -> PoolMember:

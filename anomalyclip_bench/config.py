@@ -5,6 +5,7 @@ Example (see ``configs/benchmark/`` and ``docs/benchmark.md``)::
     output_dir: results/benchmark/mvtec_from_visa
     seed: 42
     trainer: {accelerator: auto, devices: 1}    # anomalib Engine / Lightning Trainer arguments
+    extra_metrics: [AUPIMO]                     # optional: metrics beside the default ones
     datasets:
       - name: MVTec AD
         class_path: MVTecAD                     # anomalib.data name or a full class path
@@ -60,6 +61,10 @@ __all__ = [
 MetricLevel = Literal["image", "pixel"]
 METRIC_LEVELS: tuple[MetricLevel, ...] = get_args(MetricLevel)
 """Metric levels a dataset can report: image-level (needs normal and anomalous images) and pixel-level (masks)."""
+
+ExtraMetric = Literal["AUPIMO"]
+EXTRA_METRICS: tuple[ExtraMetric, ...] = get_args(ExtraMetric)
+"""Metrics a configuration can add to the default ones (``extra_metrics``): anomalib's AUPIMO (pixel level)."""
 
 GRID_KEY = "grid"
 _Entry = TypeVar("_Entry")
@@ -122,6 +127,7 @@ class ConfigFile:
     output_dir: str | None = None
     seed: int = 42
     trainer: dict | None = None
+    extra_metrics: list[ExtraMetric] | None = None
 
 
 class BenchmarkConfigError(ValueError):
@@ -205,6 +211,7 @@ class BenchmarkConfig:
         output_dir: Where tables, chart, trained prompts and run folders go.
         seed: Seed set before every training and evaluation.
         trainer: anomalib ``Engine`` (Lightning ``Trainer``) arguments for every run.
+        extra_metrics: metrics reported beside the default ones, from :data:`EXTRA_METRICS`.
     """
 
     models: tuple[ModelSpec, ...]
@@ -212,6 +219,7 @@ class BenchmarkConfig:
     output_dir: Path = Path("results/benchmark")
     seed: int = 42
     trainer: Mapping[str, Any] = field(default_factory=dict)
+    extra_metrics: tuple[ExtraMetric, ...] = ()
 
     def jobs(self) -> list[Job]:
         """Every evaluation, dataset by dataset, then model by model, then category by category."""
@@ -332,6 +340,7 @@ def parse_config(content: Any, source: str = "the configuration") -> BenchmarkCo
         output_dir=Path(top.output_dir or "results/benchmark"),
         seed=top.seed,
         trainer=dict(top.trainer or {}),
+        extra_metrics=tuple(dict.fromkeys(top.extra_metrics or ())),
     )
 
 

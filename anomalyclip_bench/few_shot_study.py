@@ -73,7 +73,7 @@ class StudyConfig:
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the study: a category, k, a fusion, and the two AUROCs."""
+    """One line of a study: a category, k, a fusion (or setting), the two AUROCs, and the data's seed and split."""
 
     category: str
     kind: str
@@ -81,20 +81,29 @@ class Row:
     fusion: str
     image_auroc: float
     pixel_auroc: float
+    seed: int = 0
+    split: str = ""
+
+
+def generate_auxiliary(root: Path, image_size: int, seed: int) -> Path:
+    """The auxiliary categories (labelled test splits with blobs, for prompt training) under ``root``."""
+    return make_mvtec_like_dataset(
+        root,
+        list(AUXILIARY_KINDS),
+        image_size=image_size,
+        n_train_good=2,
+        n_test_good=6,
+        n_test_defect=6,
+        seed=seed,
+        overwrite=True,
+        kinds=AUXILIARY_KINDS,
+    )
 
 
 def generate(root: Path, config: StudyConfig) -> tuple[Path, Path]:
     """The auxiliary and target datasets under ``root``."""
     common = {"image_size": config.image_size, "seed": config.seed, "overwrite": True}
-    auxiliary = make_mvtec_like_dataset(
-        root / "auxiliary",
-        list(AUXILIARY_KINDS),
-        n_train_good=2,
-        n_test_good=6,
-        n_test_defect=6,
-        kinds=AUXILIARY_KINDS,
-        **common,
-    )
+    auxiliary = generate_auxiliary(root / "auxiliary", config.image_size, config.seed)
     targets = make_mvtec_like_dataset(
         root / "targets",
         list(TARGET_KINDS),

@@ -113,10 +113,11 @@ def check_classes(config: BenchmarkConfig) -> None:
         raise BenchmarkConfigError("\n".join(problems))
 
 
-def build_evaluator(levels: Sequence[str]) -> Any:
+def build_evaluator(levels: Sequence[str], extra_metrics: Sequence[str] = ()) -> Any:
     """AnomalyCLIP's evaluator (image AUROC/AP/F1-max, pixel AUROC/AUPRO/F1-max) restricted to ``levels``.
 
-    Every model of a benchmark gets this evaluator, so that all report the same metrics.
+    Every model of a benchmark gets this evaluator, so that all report the same metrics. ``extra_metrics``
+    (``AUPIMO``: anomalib's mean AUPIMO of the anomalous images) are added at their level.
     """
     from anomalib.metrics import Evaluator
 
@@ -125,6 +126,10 @@ def build_evaluator(levels: Sequence[str]) -> Any:
     metrics = [
         metric for metric in AnomalyCLIP.configure_evaluator().test_metrics if metric.name.split("_")[0] in levels
     ]
+    if "AUPIMO" in extra_metrics and "pixel" in levels:
+        from .extra_metrics import AUPIMO
+
+        metrics.append(AUPIMO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False))
     return Evaluator(test_metrics=metrics)
 
 
@@ -347,7 +352,7 @@ class BenchmarkRunner:
     def _build_model(self, model: ModelSpec, levels: Sequence[str]) -> Any:
         overrides: dict[str, Any] = {}
         if "evaluator" not in model.init_args:
-            overrides["evaluator"] = build_evaluator(levels)
+            overrides["evaluator"] = build_evaluator(levels, self.config.extra_metrics)
         if "visualizer" not in model.init_args:
             overrides["visualizer"] = False
         if model.index in self._checkpoints:

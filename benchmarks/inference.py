@@ -19,6 +19,9 @@ process on the same images, one image per call after one warm-up call:
   (a local checkout of github.com/zqhang/AnomalyCLIP, see ``anomalyclip_bench/reference_anomalyclip.py``)
   with the same weights and prompts, doing per image what its ``test.py`` does.
 
+``--mutual-pools 8 32 128`` prints instead the cost of mutual scoring per image next to the encoder's, and the
+peak memory, for pools of those sizes (see :mod:`anomalyclip_bench.mutual_cost`; each pool in its own process).
+
 ``--device cuda`` runs the PyTorch flavours (eager, ``torch``, plain CLIP, reference) on
 the GPU (bf16: CUDA autocast; timings synchronise the device; peak memory is the CUDA
 allocator's peak).
@@ -43,6 +46,7 @@ Usage::
     python benchmarks/inference.py --flavours eager-fp32 openvino-fp32 openvino-bf16
     python benchmarks/inference.py --reference-repo ../AnomalyCLIP --flavours eager-fp32 reference-fp32 openvino-fp32
     python benchmarks/inference.py --device cuda --images 20 --reference-repo ../AnomalyCLIP
+    python benchmarks/inference.py --mutual-pools 8 32 128     # mutual scoring's cost (CPU, many minutes for 128)
     python benchmarks/inference.py --device cuda --batch-sizes 1 8 32 --images 64 --compile \
         --flavours eager-fp32 eager-bf16 reference-fp32 --reference-repo ../AnomalyCLIP
 """
@@ -65,6 +69,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from anomalyclip_bench import mutual_cost
 from anomalyclip_bench.process_memory import peak_resident_mb
 from anomalyclip_bench.report import processor_name
 from anomalyclip_bench.throughput import (
@@ -157,6 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=None, help="keep exports and results here (default: temp)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
     parser.add_argument("--run-flavour", choices=sorted(FLAVOURS), help=argparse.SUPPRESS)
+    parser.add_argument("--mutual-pools", type=int, nargs="+", default=None, help="mutual scoring's cost per pool size")
     args = parser.parse_args(argv)
     if args.flavours is None:
         args.flavours = [name for name, flavour in FLAVOURS.items() if _applies(flavour, args)]
@@ -512,6 +518,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.run_flavour:
         run_flavour(args, args.work_dir)
+        return
+    if args.mutual_pools:
+        mutual_cost.report(args.mutual_pools, args.backbone, args.image_size)
         return
     peak_tflops = peak_of_device(args)
     with tempfile.TemporaryDirectory(prefix="anomalyclip-inference-") as temporary:

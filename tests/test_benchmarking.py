@@ -246,6 +246,26 @@ def test_both_aupros_are_columns_in_percent() -> None:
     assert table.loc[0, "pixel_AUPRO_paper"] == pytest.approx(45.0)
 
 
+def test_aupimo_is_an_extra_metric_nan_where_undefined() -> None:
+    from anomalib.data import ImageBatch
+
+    from anomalyclip_bench.runner import build_evaluator
+
+    assert parse_config(_config(extra_metrics=["AUPIMO"])).extra_metrics == ("AUPIMO",)
+    assert parse_config(_config()).extra_metrics == ()
+    with pytest.raises(BenchmarkConfigError, match="extra_metrics"):
+        parse_config(_config(extra_metrics=["AUPRC"]))
+    names = [metric.name for metric in build_evaluator(["image", "pixel"], ("AUPIMO",)).test_metrics]
+    assert names[-1] == "pixel_AUPIMO"
+    assert all(metric.name.startswith("image_") for metric in build_evaluator(["image"], ("AUPIMO",)).test_metrics)
+    assert metrics_from_test_output({"pixel_AUPIMO": 0.25}, ["pixel"]) == {"pixel_AUPIMO": 25.0}
+    aupimo = build_evaluator(["pixel"], ("AUPIMO",)).test_metrics[-1]
+    masks = torch.zeros(2, 1, 32, 32, dtype=torch.bool)
+    masks[1, :, 4:12, 4:12] = True  # 1 856 normal pixels: AUPIMO's false positive rates 1e-5..1e-4 are out of reach
+    aupimo.update(ImageBatch(image=torch.rand(2, 3, 32, 32), anomaly_map=torch.rand(2, 1, 32, 32), gt_mask=masks))
+    assert math.isnan(float(aupimo.compute()))
+
+
 def test_markdown_has_means_per_dataset_tables_and_failures(tmp_path: Path) -> None:
     path = write_markdown(results_table(_results()), tmp_path / "results.md", "Title", ["- note"])
     text = path.read_text()

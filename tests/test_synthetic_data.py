@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from anomalib_anomalyclip.testing.toy_data import (
+    ALL_DEFECT_KINDS,
     CATEGORY_KINDS,
     DEFAULT_CATEGORIES,
     DEFECT_KINDS,
@@ -90,8 +91,11 @@ def test_masks_cover_the_painted_defects(dataset_root: Path) -> None:
         assert inside < 0.15 or inside > 0.85, f"defect of {mask_path} is not saturated: {inside:.2f}"
 
 
-@pytest.mark.parametrize("kind", DEFECT_KINDS)
-@pytest.mark.parametrize("size", [16, 64, 128])
+@pytest.mark.parametrize(
+    ("kind", "size"),
+    [(kind, size) for kind in DEFECT_KINDS for size in (16, 64, 128)]
+    + [(kind, size) for kind in ("stain", "spots") for size in (32, 128)],  # a 16 px image holds a spot or two
+)
 def test_defect_coverage_is_a_few_percent(kind: str, size: int) -> None:
     rng = np.random.default_rng(0)
     coverages = []
@@ -103,6 +107,25 @@ def test_defect_coverage_is_a_few_percent(kind: str, size: int) -> None:
         coverages.append(mask.mean())
     assert min(coverages) >= 0.02 and max(coverages) <= 0.16
     assert 0.04 <= float(np.mean(coverages)) <= 0.11
+
+
+def test_counts_per_defect_kind_and_one_stain_colour_per_category(tmp_path: Path) -> None:
+    counts = {"stain": 4, "spots": 1}
+    root = make_mvtec_like_dataset(
+        tmp_path, categories=("alpha",), image_size=48, n_test_defect=counts, defects=("blob", "stain", "spots")
+    )
+    for kind in ("blob", "stain", "spots"):
+        assert len(list((root / "alpha" / "test" / kind).glob("*.png"))) == counts.get(kind, 0)
+    colours = []
+    for path in sorted((root / "alpha" / "test" / "stain").glob("*.png")):
+        mask = _pixels(root / "alpha" / "ground_truth" / "stain" / f"{path.stem}_mask.png") > 0
+        colours.append(_pixels(path)[mask].mean(0) / 255.0)
+    assert np.ptp(np.stack(colours), axis=0).max() < 0.15  # the same contamination in every image
+    with pytest.raises(ValueError, match="not in `defects`"):
+        make_mvtec_like_dataset(tmp_path / "x", n_test_defect={"scratch": 1})
+    with pytest.raises(ValueError, match="non-negative"):
+        make_mvtec_like_dataset(tmp_path / "x", n_test_defect={"blob": -1})
+    assert set(ALL_DEFECT_KINDS) >= {"blob", "scratch", "stain", "spots"}
 
 
 def test_generation_is_deterministic(tmp_path: Path) -> None:

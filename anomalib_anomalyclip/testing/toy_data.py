@@ -1,9 +1,10 @@
 """Tiny synthetic datasets in MVTec AD's layout, for tests, notebooks and benchmarks.
 
 Every category gets its own look (a striped, checkered or smooth texture with category-specific colours and
-frequency, plus mild noise). Defects look the same in every category (saturated dark or bright irregular blobs or
-scratches covering roughly 3-10 % of the image at random places), so that a detector trained on some categories can
-transfer to the others, which is what a zero-shot protocol needs.
+frequency, plus mild noise). Defects look the same in every category (by default saturated dark or bright irregular
+blobs or scratches covering roughly 3-10 % of the image at random places; also coloured stains and small spots, see
+:mod:`.toy_defects`), so that a detector trained on some categories can transfer to the others, which is what a
+zero-shot protocol needs.
 
 A category is of one of three kinds (:data:`CATEGORY_KINDS`), like the categories of MVTec AD:
 
@@ -37,9 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from .toy_defects import ALL_DEFECT_KINDS, DEFECT_KINDS, add_defect, check_defect_kinds, stain_color
 
 __all__ = [
+    "ALL_DEFECT_KINDS",
     "CATEGORY_KINDS",
     "DEFAULT_CATEGORIES",
     "DEFECT_KINDS",
@@ -53,15 +57,12 @@ __all__ = [
 ]
 
 DEFAULT_CATEGORIES: tuple[str, ...] = ("alpha", "beta", "gamma")
-DEFECT_KINDS: tuple[str, ...] = ("blob", "scratch")
 TEXTURE_KINDS: tuple[str, ...] = ("stripes", "checker", "smooth")
 CATEGORY_KINDS: tuple[str, ...] = ("texture", "object", "grayscale")
 MIN_IMAGE_SIZE = 16
 
-_COVERAGE_RANGE = (0.03, 0.10)
 _NOISE_STD = 0.02
 _LUMINANCE = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's "L" conversion
-_MIN_DEFECT_ON_OBJECT = 0.6  # share of a defect that must lie on the object
 
 
 @dataclass(frozen=True)
@@ -194,104 +195,6 @@ def object_region(image_size: int, rng: np.random.Generator) -> np.ndarray:
     return (u / axes[0]) ** 2 + (v / axes[1]) ** 2 <= 1.0
 
 
-def _blob_polygon(image_size: int, area: float, rng: np.random.Generator) -> list[tuple[float, float]]:
-    """Irregular star-shaped polygon of about ``area`` pixels that fits inside the image."""
-    harmonics = np.arange(2, 5)
-    amplitudes = rng.uniform(0.0, 0.25, size=harmonics.size)
-    phases = rng.uniform(0.0, 2.0 * np.pi, size=harmonics.size)
-    # Area of r(t) = r0 * (1 + sum a_k cos(k t + p_k)) is pi * r0^2 * (1 + sum a_k^2 / 2).
-    radius = np.sqrt(area / (np.pi * (1.0 + 0.5 * np.sum(amplitudes**2))))
-    max_radius = radius * (1.0 + amplitudes.sum())
-    low, high = max_radius + 1.0, image_size - 1.0 - max_radius
-    center = rng.uniform(low, high, size=2) if high > low else np.full(2, image_size / 2.0)
-    angles = np.linspace(0.0, 2.0 * np.pi, 48, endpoint=False)
-    radii = radius * (1.0 + np.sum(amplitudes[:, None] * np.cos(harmonics[:, None] * angles + phases[:, None]), 0))
-    xs = center[0] + radii * np.cos(angles)
-    ys = center[1] + radii * np.sin(angles)
-    return list(zip(xs.tolist(), ys.tolist(), strict=True))
-
-
-def _scratch_polyline(image_size: int, area: float, rng: np.random.Generator) -> tuple[list[tuple[float, float]], int]:
-    """Zig-zag polyline of about ``area`` pixels (length x width) that fits inside the image."""
-    width = max(2, round(image_size / 12))
-    n_segments = 4
-    length = area / width / n_segments
-    heading = rng.uniform(0.0, 2.0 * np.pi)
-    points = [np.zeros(2)]
-    for _ in range(n_segments):
-        heading += rng.uniform(-1.2, 1.2)
-        points.append(points[-1] + length * np.array([np.cos(heading), np.sin(heading)]))
-    polyline = np.stack(points)
-    polyline -= polyline.min(axis=0)
-    margin = width / 2.0 + 1.0
-    room = image_size - 2.0 * margin
-    extent = polyline.max(axis=0)
-    scale = min(1.0, float(room / max(extent.max(), 1e-6)))
-    if scale < 1.0:  # too long to fit: shorten it and thicken it to keep the area
-        polyline *= scale
-        width = max(2, round(width / scale))
-        extent = polyline.max(axis=0)
-    offset = margin + rng.uniform(0.0, 1.0, size=2) * np.maximum(room - extent, 0.0)
-    polyline += offset
-    return [(float(x), float(y)) for x, y in polyline], width
-
-
-def _defect_mask(kind: str, image_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Boolean ``(H, W)`` mask of one defect of ``kind``."""
-    area = rng.uniform(*_COVERAGE_RANGE) * image_size**2
-    canvas = Image.new("L", (image_size, image_size), 0)
-    draw = ImageDraw.Draw(canvas)
-    if kind == "blob":
-        draw.polygon(_blob_polygon(image_size, area, rng), fill=255)
-    else:
-        points, width = _scratch_polyline(image_size, area, rng)
-        draw.line(points, fill=255, width=width, joint="curve")
-    return np.asarray(canvas) > 0
-
-
-def add_defect(
-    image: np.ndarray, kind: str, rng: np.random.Generator, region: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Paint one defect onto an image.
-
-    The defect is a saturated dark or bright region (chosen at random) with mild noise, shaped as an irregular blob
-    or a thick zig-zag scratch covering about 3-10 % of the image.
-
-    Args:
-        image: Float image in ``[0, 1]`` of shape ``(H, W, 3)`` with ``H == W``.
-        kind: One of :data:`DEFECT_KINDS`.
-        rng: Random generator.
-        region: Boolean ``(H, W)`` mask the defect must lie in (an object); it is placed so that most of it does,
-            and cut to it.
-
-    Returns:
-        The defective image (a new array) and its boolean ``(H, W)`` mask.
-
-    Raises:
-        ValueError: If ``kind`` is unknown.
-    """
-    _check_defect_kinds([kind])
-    mask = _defect_mask(kind, image.shape[0], rng)
-    if region is not None:
-        for _ in range(20):  # a defect mostly off the object is drawn again
-            if (mask & region).sum() >= _MIN_DEFECT_ON_OBJECT * mask.sum():
-                break
-            mask = _defect_mask(kind, image.shape[0], rng)
-        mask &= region
-    level = rng.uniform(0.02, 0.08) if rng.random() < 0.5 else rng.uniform(0.92, 0.98)
-    paint = level + rng.normal(0.0, _NOISE_STD, size=(int(mask.sum()), 3))
-    defective = image.copy()
-    defective[mask] = np.clip(paint, 0.0, 1.0)
-    return defective, mask
-
-
-def _check_defect_kinds(defects: Sequence[str]) -> None:
-    unknown = [kind for kind in defects if kind not in DEFECT_KINDS]
-    if unknown:
-        msg = f"Unknown defect kind(s) {unknown}; choose from {list(DEFECT_KINDS)}."
-        raise ValueError(msg)
-
-
 def _check_category_kinds(kinds: Sequence[str]) -> None:
     unknown = [kind for kind in kinds if kind not in CATEGORY_KINDS]
     if unknown:
@@ -313,6 +216,26 @@ def _kinds_by_category(categories: Sequence[str], kinds: str | Mapping[str, str]
     return chosen
 
 
+def _defect_counts(defects: Sequence[str], n_test_defect: int | Mapping[str, int]) -> dict[str, int]:
+    """Anomalous test images per defect kind: one count for all, or a mapping (kinds it leaves out: none)."""
+    if isinstance(n_test_defect, Mapping):
+        strangers = sorted(set(n_test_defect) - set(defects))
+        if strangers:
+            msg = f"`n_test_defect` names defect kinds {strangers} that are not in `defects` {list(defects)}."
+            raise ValueError(msg)
+        counts = {kind: int(n_test_defect.get(kind, 0)) for kind in defects}
+    else:
+        counts = dict.fromkeys(defects, n_test_defect)
+    _check_counts(list(counts.values()))
+    return counts
+
+
+def _check_counts(counts: Sequence[int]) -> None:
+    if any(count < 0 for count in counts):
+        msg = f"Image counts must be non-negative, got {list(counts)}."
+        raise ValueError(msg)
+
+
 def _check_arguments(categories: Sequence[str], image_size: int, counts: Sequence[int], defects: Sequence[str]) -> None:
     if isinstance(categories, str) or not categories:
         msg = f"`categories` must be a non-empty sequence of names, got {categories!r}."
@@ -323,13 +246,11 @@ def _check_arguments(categories: Sequence[str], image_size: int, counts: Sequenc
     if image_size < MIN_IMAGE_SIZE:
         msg = f"`image_size` must be at least {MIN_IMAGE_SIZE}, got {image_size}."
         raise ValueError(msg)
-    if any(count < 0 for count in counts):
-        msg = f"Image counts must be non-negative, got {list(counts)}."
-        raise ValueError(msg)
+    _check_counts(counts)
     if isinstance(defects, str) or not defects:
         msg = f"`defects` must be a non-empty sequence of defect kinds, got {defects!r}."
         raise ValueError(msg)
-    _check_defect_kinds(defects)
+    check_defect_kinds(defects)
 
 
 def _prepare_category_dir(category_dir: Path, overwrite: bool) -> None:
@@ -362,30 +283,31 @@ def _write_good_images(folder: Path, style: CategoryStyle, image_size: int, coun
 
 
 def _defective_image(
-    style: CategoryStyle, image_size: int, kind: str, rng: np.random.Generator
+    style: CategoryStyle, image_size: int, kind: str, rng: np.random.Generator, color: tuple[float, float, float]
 ) -> tuple[np.ndarray, np.ndarray]:
     """A normal image of ``style`` with one defect of ``kind`` (on the object, for an ``object`` category)."""
     image, region = _render(style, image_size, rng)
-    return add_defect(image, kind, rng, region=region)
+    return add_defect(image, kind, rng, region=region, color=color)
 
 
 def _write_category(
     category_dir: Path,
     style: CategoryStyle,
     image_size: int,
-    counts: tuple[int, int, int],
-    defects: Sequence[str],
+    counts: tuple[int, int],
+    defects: Mapping[str, int],
     seed: int,
 ) -> None:
-    """Write train/test/ground_truth of one category."""
-    n_train_good, n_test_good, n_test_defect = counts
+    """Write train/test/ground_truth of one category (``defects``: anomalous images per defect kind)."""
+    n_train_good, n_test_good = counts
     code = _name_code(style.name)
     _write_good_images(category_dir / "train" / "good", style, image_size, n_train_good, (seed, code, 1, 0))
     _write_good_images(category_dir / "test" / "good", style, image_size, n_test_good, (seed, code, 2, 0))
-    for kind in defects:
-        for index in range(n_test_defect):
-            rng = _rng(seed, code, 2, 1 + DEFECT_KINDS.index(kind), index)
-            image, mask = _defective_image(style, image_size, kind, rng)
+    color = stain_color(_rng(seed, code, 3))  # every stain of a category has its colour
+    for kind, count in defects.items():
+        for index in range(count):
+            rng = _rng(seed, code, 2, 1 + ALL_DEFECT_KINDS.index(kind), index)
+            image, mask = _defective_image(style, image_size, kind, rng, color)
             _save_image(image, category_dir / "test" / kind / f"{index:03d}.png", style.kind == "grayscale")
             _save_mask(mask, category_dir / "ground_truth" / kind / f"{index:03d}_mask.png")
 
@@ -396,7 +318,7 @@ def make_mvtec_like_dataset(
     image_size: int = 64,
     n_train_good: int = 4,
     n_test_good: int = 4,
-    n_test_defect: int = 4,
+    n_test_defect: int | Mapping[str, int] = 4,
     defects: Sequence[str] = ("blob",),
     seed: int = 0,
     overwrite: bool = False,
@@ -411,8 +333,10 @@ def make_mvtec_like_dataset(
         n_train_good: Normal training images per category (``train/good``).
         n_test_good: Normal test images per category (``test/good``).
         n_test_defect: Anomalous test images per category and defect kind (``test/<defect>``), each with a mask
-            ``ground_truth/<defect>/<stem>_mask.png``.
-        defects: Defect kinds to generate, from :data:`DEFECT_KINDS`; each is also the defect folder name.
+            ``ground_truth/<defect>/<stem>_mask.png``; or a mapping from defect kinds to counts (kinds of
+            ``defects`` it leaves out get none), e.g. a split where one kind is in most anomalous images.
+        defects: Defect kinds to generate, from :data:`ALL_DEFECT_KINDS` (see :mod:`.toy_defects`); each is also
+            the defect folder name.
         seed: Seed; the output is a pure function of the arguments.
         overwrite: Replace category folders that already exist. Without it an existing non-empty category folder
             raises :class:`FileExistsError` (nothing else in ``root`` is touched either way).
@@ -433,15 +357,15 @@ def make_mvtec_like_dataset(
     """
     categories = tuple(categories)
     defects = tuple(defects)
-    counts = (n_train_good, n_test_good, n_test_defect)
-    _check_arguments(categories, image_size, counts, defects)
+    _check_arguments(categories, image_size, (n_train_good, n_test_good), defects)
+    per_defect = _defect_counts(defects, n_test_defect)
     kind_of = _kinds_by_category(categories, kinds)
     root = Path(root)
     for category in categories:
         _prepare_category_dir(root / category, overwrite)
     for category in categories:
         style = category_style(category, seed, kind_of[category])
-        _write_category(root / category, style, image_size, counts, defects, seed)
+        _write_category(root / category, style, image_size, (n_train_good, n_test_good), per_defect, seed)
     return root
 
 
@@ -456,7 +380,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-train-good", type=int, default=4)
     parser.add_argument("--n-test-good", type=int, default=4)
     parser.add_argument("--n-test-defect", type=int, default=4)
-    parser.add_argument("--defects", nargs="+", default=["blob"], choices=DEFECT_KINDS)
+    parser.add_argument("--defects", nargs="+", default=["blob"], choices=ALL_DEFECT_KINDS)
     parser.add_argument(
         "--kinds", nargs="+", default=["texture"], choices=CATEGORY_KINDS, help="one kind for all, or one per category"
     )
