@@ -42,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -250,15 +250,35 @@ def resize_linear(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 def join_tiles(maps: torch.Tensor, tiling: TilingConfig, size: Sequence[int]) -> torch.Tensor:
     """Tiles' maps (B * tiles, C, t, t), in the order of :func:`cut_views`, put back into (B, C, H, W) maps.
 
-    Overlaps are averaged; with ``remove_border_count`` the inner tile borders do not count.
+    Overlaps are averaged; with ``remove_border_count`` the inner tile borders do not count. A tile's weights are the
+    product of a vertical and a horizontal profile, so the coverage of the image is one too.
     """
     rows, columns = tiling.tile_starts(size)
-    weights = torch.stack(
-        [torch.stack([_tile_weight(maps, tiling, (top, left), size) for left in columns]) for top in rows]
-    ).unsqueeze(0)  # (1, rows, columns, 1, t, t)
-    tiles = maps.reshape(-1, len(rows), len(columns), *maps.shape[1:]) * weights
+    vertical = _profiles(maps, rows, tiling.tile_size[0], int(size[0]), tiling.remove_border_count)
+    horizontal = _profiles(maps, columns, tiling.tile_size[1], int(size[1]), tiling.remove_border_count)
+    tiles = maps.reshape(-1, len(rows), len(columns), *maps.shape[1:])
+    if tiling.remove_border_count:
+        tiles = tiles * (vertical[:, None, None, :, None] * horizontal[None, :, None, None, :])
     total = _place(tiles, rows, columns, size)
-    return total / _place(weights, rows, columns, size).clamp(min=1e-12)
+    coverage = _coverage(vertical, rows, int(size[0]))[:, None] * _coverage(horizontal, columns, int(size[1]))
+    return total / coverage
+
+
+def _profiles(like: torch.Tensor, starts: Sequence[int], tile: int, length: int, border: int) -> torch.Tensor:
+    """(tiles, t) weights of the tiles along one axis: 1, and 0 on the ``border`` pixels of inner tile edges."""
+    profiles = like.new_ones(len(starts), tile)
+    for index, start in enumerate(starts):
+        if border and start > 0:
+            profiles[index, :border] = 0
+        if border and start + tile < length:
+            profiles[index, tile - border :] = 0
+    return profiles
+
+
+def _coverage(profiles: torch.Tensor, starts: Sequence[int], length: int) -> torch.Tensor:
+    """(length,) sum of the tiles' profiles at their places along one axis."""
+    tile = profiles.shape[-1]
+    return sum(F.pad(profile, (start, length - start - tile)) for profile, start in zip(profiles, starts, strict=True))
 
 
 def _place(tiles: torch.Tensor, rows: Sequence[int], columns: Sequence[int], size: Sequence[int]) -> torch.Tensor:
@@ -278,22 +298,6 @@ def _place(tiles: torch.Tensor, rows: Sequence[int], columns: Sequence[int], siz
         placed = F.pad(strip, (0, 0, top, int(size[0]) - top - height))
         total = placed if total is None else total + placed
     return total
-
-
-def _tile_weight(like: torch.Tensor, tiling: TilingConfig, corner: Pair, size: Sequence[int]) -> torch.Tensor:
-    """1 where a tile's pixels count, 0 on its inner borders (``remove_border_count``): (1, t, t)."""
-    height, width = tiling.tile_size
-    weight = like.new_ones(1, height, width)
-    border, (top, left) = tiling.remove_border_count, corner
-    if border and top > 0:
-        weight[:, :border, :] = 0
-    if border and top + height < size[0]:
-        weight[:, height - border :, :] = 0
-    if border and left > 0:
-        weight[:, :, :border] = 0
-    if border and left + width < size[1]:
-        weight[:, :, width - border :] = 0
-    return weight
 
 
 def fuse_views(tiles: torch.Tensor, whole: torch.Tensor | None, fusion: TileFusion) -> torch.Tensor:
@@ -340,27 +344,25 @@ def score_views(
         few_shot: the memory bank; ``None`` or empty: zero-shot.
     """
     size = (int(size[0]), int(size[1]))
-    views = tiling.views_per_image(size)
-    tiles = tiling.tile_count(size)
+    views, tiles = tiling.views_per_image(size), tiling.tile_count(size)
     layers = len(tokens) - (len(few_shot.taps) if few_shot is not None and few_shot.active else 0)
     scores = image_scores(global_embedding, text_features).reshape(-1, views)
     score = fuse_views(scores[:, :tiles].amax(dim=1), scores[:, tiles] if tiling.global_view else None, tiling.fusion)
     by_view = [layer.reshape(-1, views, *layer.shape[1:]) for layer in tokens]
-    zero_shot = _view_maps(by_view[:layers], tiling, size, lambda t, s: summed_anomaly_map(t, text_features, grid, s))
-    few_shot_map = None
-    if layers < len(tokens):
-        few_shot_map = _view_maps(by_view[layers:], tiling, size, lambda t, s: few_shot.distance_map(t, grid, s))
-    return smoothed_outputs(score, zero_shot, few_shot_map, layers, smoothing, few_shot)
 
+    def maps(view: slice | int, map_size: Pair) -> torch.Tensor:
+        """The zero-shot map and, with a bank, the few-shot map of some views, as channels."""
+        chosen = [layer[:, view].reshape(-1, *layer.shape[2:]) for layer in by_view]
+        kinds = [summed_anomaly_map(chosen[:layers], text_features, grid, map_size)]
+        if layers < len(tokens):
+            kinds.append(few_shot.distance_map(chosen[layers:], grid, map_size))
+        return torch.cat(kinds, dim=1)
 
-def _view_maps(by_view: Sequence[torch.Tensor], tiling: TilingConfig, size: Pair, make_map: Any) -> torch.Tensor:
-    """One kind of map of the views (tokens per tap, (B, views, N, D)), joined and fused into (B, 1, H, W)."""
-    tiles = tiling.tile_count(size)
-    tile_maps = make_map([layer[:, :tiles].flatten(0, 1) for layer in by_view], tiling.tile_size)
-    joined = join_tiles(tile_maps, tiling, size)
-    if not tiling.global_view:
-        return joined
-    return fuse_views(joined, make_map([layer[:, tiles] for layer in by_view], size), tiling.fusion)
+    joined = join_tiles(maps(slice(0, tiles), tiling.tile_size), tiling, size)  # both kinds of map joined at once
+    if tiling.global_view:
+        joined = fuse_views(joined, maps(tiles, size), tiling.fusion)
+    few_shot_map = joined[:, 1:] if layers < len(tokens) else None
+    return smoothed_outputs(score, joined[:, :1], few_shot_map, layers, smoothing, few_shot)
 
 
 def score_tiled(
