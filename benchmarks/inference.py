@@ -460,7 +460,7 @@ def summarise(
     per_image = float(np.mean(timing["seconds"])) / batch_size
     baseline_per_image = float(np.mean(baseline["batches"][key]["seconds"])) / batch_size
     first = args.batch_sizes[0]
-    flops = baseline["flops_per_image"]
+    flops = baseline["flops_per_image"] * (FLAVOURS[name].tiles + 1 if FLAVOURS[name].tiles else 1)  # views per image
     comparable = not FLAVOURS[name].k_shot and not FLAVOURS[name].tiles
     return {
         "flavour": name,
