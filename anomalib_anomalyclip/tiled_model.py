@@ -138,13 +138,13 @@ def follow_tiling(module: Any) -> None:
     resolution. A pre-processor of the user's own is left as it is.
     """
     tiling = module.model.tiling
-    pre_processor = module.pre_processor
-    if tiling is None or not isinstance(pre_processor, AnomalyCLIPPreProcessor):
-        return
-    if not pre_processor.resize_to(tiling.working_size):
+    if tiling is None:
         return
     size = "each image's own size" if tiling.working_size is None else "x".join(map(str, tiling.working_size))
     logger.info("AnomalyCLIP tiles %s-px tiles every %s px at %s.", tiling.tile_size[0], tiling.stride[0], size)
+    pre_processor = module.pre_processor
+    if not isinstance(pre_processor, AnomalyCLIPPreProcessor) or not pre_processor.resize_to(tiling.working_size):
+        return
     datamodule = module.trainer.datamodule if getattr(module, "_trainer", None) is not None else None
     if hasattr(datamodule, "_update_augmentations"):
         datamodule._update_augmentations()  # anomalib appends the model's resize to every dataset's augmentations
