@@ -20,6 +20,7 @@ from anomalib.deploy.export import CompressionType
 from lightning_utilities.core.imports import module_available
 
 from .errors import ExportDataError, ExportUnavailableError
+from .tiled_model import check_tiled_export
 
 if TYPE_CHECKING:
     from anomalib.data import AnomalibDataModule
@@ -33,14 +34,21 @@ NEEDS_NNCF = {CompressionType.INT8, *NEEDS_DATA}
 
 
 @contextmanager
-def inference_model_in_place(module: AnomalibModule) -> Iterator[None]:
+def inference_model_in_place(
+    module: AnomalibModule, traced: bool = False, input_size: tuple[int, int] | None = None
+) -> Iterator[None]:
     """Let ``module.model`` be its inference model (``module.model.inference_model()``) for the block.
 
     Args:
         module: an AnomalibModule whose ``model`` has an ``inference_model()`` method.
+        traced: the block traces a graph: a tiled model then needs a fixed working size (see
+            :func:`.tiled_model.check_tiled_export`).
+        input_size: the graph's fixed input size, if any.
     """
     full_model = module.model
     module.model = full_model.inference_model()
+    if traced:
+        module.model.tiling = check_tiled_export(module.model.tiling, input_size)
     try:
         yield
     finally:
@@ -114,7 +122,7 @@ class InferencePathExport:
         """
         self.prepare_export()
         kwargs.setdefault("opset_version", EXPORT_OPSET)
-        with inference_model_in_place(self):
+        with inference_model_in_place(self, traced=True, input_size=input_size):
             return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     def to_openvino(

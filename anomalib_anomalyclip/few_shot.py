@@ -36,10 +36,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from anomalib.data import InferenceBatch
 from torch import nn
 
 from .dpam import Tap, TokenPath
 from .errors import parse_choice
+from .scoring import GaussianSmoothing
 
 BANK_CHUNK_ROWS = 8192  # bank rows per matrix product: bounds the similarity matrix (B x N x rows)
 _EPSILON = 1e-8
@@ -87,6 +89,33 @@ def fuse(
     if fusion is FewShotFusion.HARMONIC:
         return _harmonic(zero_shot_score, few_shot_score), _harmonic(zero_shot_map, few_shot_map)
     return (zero_shot_score + few_shot_score) / 2, (zero_shot_map + few_shot_map) / 2
+
+
+def smoothed_outputs(
+    zero_shot_score: torch.Tensor,
+    zero_shot_map: torch.Tensor,
+    few_shot_map: torch.Tensor | None,
+    layers: int,
+    smoothing: GaussianSmoothing,
+    few_shot: FewShotScorer | None = None,
+) -> InferenceBatch:
+    """Score and smoothed map from the maps before smoothing: the zero-shot ones, or both fused by the bank's rule.
+
+    Args:
+        zero_shot_score: (B,) zero-shot image scores.
+        zero_shot_map: (B, 1, H, W) summed layer maps, in [0, layers].
+        few_shot_map: (B, 1, H, W) few-shot distance map, or ``None`` (zero-shot).
+        layers: number of feature layers summed in ``zero_shot_map``.
+        smoothing: the Gaussian smoothing.
+        few_shot: the bank whose fusion applies (needed with ``few_shot_map``).
+    """
+    if few_shot_map is None or few_shot is None:
+        return InferenceBatch(pred_score=zero_shot_score, anomaly_map=smoothing(zero_shot_map))
+    batch = zero_shot_map.shape[0]
+    # Both maps smoothed in one call; the zero-shot map on its probability scale [0, 1].
+    smoothed = smoothing(torch.cat([zero_shot_map / layers, few_shot_map]))
+    score, anomaly_map = fuse(zero_shot_score, smoothed[:batch], smoothed[batch:], few_shot.fusion)
+    return InferenceBatch(pred_score=score, anomaly_map=anomaly_map)
 
 
 def _harmonic(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,9 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from .dpam import DualPathVisualEncoder
-from .few_shot import FewShotScorer, fuse
+from .few_shot import FewShotScorer, smoothed_outputs
 from .scoring import GaussianSmoothing, image_scores, summed_anomaly_map
+from .tiling import TilingConfig, score_tiled
 
 
 def score_images(
@@ -87,13 +88,9 @@ def score_features(
     zero_shot_map = summed_anomaly_map(patch_tokens, text_features, grid, size)
     zero_shot_score = image_scores(global_embedding, text_features)
     if few_shot is None or not few_shot.active:
-        return InferenceBatch(pred_score=zero_shot_score, anomaly_map=smoothing(zero_shot_map))
+        return smoothed_outputs(zero_shot_score, zero_shot_map, None, len(patch_tokens), smoothing)
     few_shot_map = few_shot.distance_map(bank_tokens, grid, size)
-    batch = zero_shot_map.shape[0]
-    # Both maps smoothed in one call; the zero-shot map on its probability scale [0, 1].
-    smoothed = smoothing(torch.cat([zero_shot_map / len(patch_tokens), few_shot_map]))
-    score, anomaly_map = fuse(zero_shot_score, smoothed[:batch], smoothed[batch:], few_shot.fusion)
-    return InferenceBatch(pred_score=score, anomaly_map=anomaly_map)
+    return smoothed_outputs(zero_shot_score, zero_shot_map, few_shot_map, len(patch_tokens), smoothing, few_shot)
 
 
 class AnomalyCLIPInferenceModel(nn.Module):
@@ -106,6 +103,7 @@ class AnomalyCLIPInferenceModel(nn.Module):
         smoothing: the Gaussian smoothing of the maps (shared, not copied).
         few_shot: the few-shot memory bank (shared, not copied; its bank becomes a constant
             of an exported graph), or ``None``.
+        tiling: tiled inference at a fixed working size (see :mod:`.tiling`), or ``None``.
     """
 
     def __init__(
@@ -114,8 +112,10 @@ class AnomalyCLIPInferenceModel(nn.Module):
         text_features: torch.Tensor,
         smoothing: GaussianSmoothing,
         few_shot: FewShotScorer | None = None,
+        tiling: TilingConfig | None = None,
     ) -> None:
         super().__init__()
+        self.tiling = tiling
         if text_features.dim() != 3 or text_features.shape[:2] != (1, 2):
             raise ValueError(f"Expected text features of shape (1, 2, D), got {tuple(text_features.shape)}.")
         self.visual_encoder = visual_encoder
@@ -124,5 +124,9 @@ class AnomalyCLIPInferenceModel(nn.Module):
         self.register_buffer("text_features", text_features.detach().clone())
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
-        """Score a batch of CLIP-normalised images (B, 3, H, W); see :func:`score_images`."""
+        """Score a batch of CLIP-normalised images (B, 3, H, W); see :func:`score_images` (tiled: :mod:`.tiling`)."""
+        if self.tiling is not None:
+            return score_tiled(
+                self.visual_encoder, self.smoothing, images, self.text_features, self.few_shot, self.tiling
+            )
         return score_images(self.visual_encoder, self.smoothing, images, self.text_features, self.few_shot)

@@ -63,6 +63,8 @@ from .post_processor import DEFAULT_NORMAL_QUANTILE, ProbabilityPostProcessor
 from .pre_processor import PreprocessingName, clip_pre_processor
 from .prompt_plan import PromptPlan, plan_prompts
 from .prompts import AGNOSTIC_OBJECT, PromptType, PromptTypeName
+from .tiled_model import check_tiled_training, follow_tiling
+from .tiling import TileFusionName, tile_settings, tiling_config
 from .torch_model import AnomalyCLIPModel
 from .weights import resolve_prompt_weights
 
@@ -131,6 +133,13 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
             ``None``: the maps' maxima.
         mutual_fusion: ``mean`` (prompts and mutual scores, each on the pool's [0, 1] scale, averaged) or
             ``mutual`` (the mutual score and map alone).
+        tile_size: tiled inference for small defects on large images (see :mod:`anomalib_anomalyclip.tiling`): tiles
+            of this side, which must be ``image_size``; ``None``: untiled (anomalib's ``TilerConfigurationCallback``
+            switches tiling on too).
+        tile_stride: step between tiles (at most ``tile_size``); ``None``: ``tile_size``.
+        tile_working_size: (height, width) or side the images are resized to before tiling; ``None``: each image's
+            own size.
+        tile_fusion: ``mean`` (tiles and a global view of the whole image, averaged), ``max``, or ``tiles`` alone.
         normal_quantile: when validation sees only normal images (or the references,
             scored leave-one-out), the thresholds are this quantile of their scores:
             ``1 - normal_quantile`` is the accepted false-alarm rate.
@@ -185,6 +194,10 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         mutual_pool_size: int = 200,
         rscin_k: Sequence[int] | None = (1, 2, 3),
         mutual_fusion: MutualFusion = "mean",
+        tile_size: int | None = None,
+        tile_stride: int | None = None,
+        tile_working_size: int | Sequence[int] | None = None,
+        tile_fusion: TileFusionName = "mean",
         normal_quantile: float = DEFAULT_NORMAL_QUANTILE,
         preprocessing: PreprocessingName = "reference",
         pre_processor: nn.Module | bool = True,
@@ -193,6 +206,10 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         visualizer: Visualizer | bool = True,
     ) -> None:
         check_storage_dtype(feature_cache_dtype)
+        tiles = tile_settings(tile_working_size, tile_fusion)
+        tiling = tiling_config(tile_size, tile_stride, image_size, tiles) if tile_size else None
+        if pre_processor is True and tiling is not None:  # resize to the working size (None: not at all)
+            pre_processor = clip_pre_processor(tiling.working_size, preprocessing)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor((image_size, image_size), preprocessing)
         if post_processor is True:
@@ -227,6 +244,8 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
             rscin = tuple(rscin_k) if rscin_k else None
             config = (tuple(mutual_blocks), tuple(mutual_radii), mutual_fraction, mutual_pool_size, rscin, seed or 0)
             self.model.use_mutual_scoring(MutualScoringConfig(*config))
+        self.model.tile_settings = tiles  # also for a Tiler that TilerConfigurationCallback sets
+        self.model.use_tiling(tiling)
         self.loss = GlocalLoss(parse_choice(LossVariant, loss, "loss"), local_loss_weight)
         self.prompts_ready = prompt_weights is not None
         self.learns_prompts = self._prompt_plan(fitting=True, datamodule=None).learn
@@ -302,6 +321,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         AnomalyCLIP --data MVTecAD``) has nothing to learn: the released prompts are loaded and the training
         loop is cut to one batch without a gradient step, so that anomalib's validation and checkpoint follow.
         """
+        follow_tiling(self)  # after TilerConfigurationCallback: resize to the working resolution
         datamodule = self._datamodule()
         category = getattr(datamodule, "category", None)
         if self.hparams.class_name is None and isinstance(category, str) and category:
@@ -310,6 +330,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
             return
         plan = self._prompt_plan(fitting=True, datamodule=datamodule)
         if plan.learn:
+            check_tiled_training(self.model.tiling)
             self.prompts_ready = True  # the fit gives them
             return
         self._load_released_prompts(plan)
@@ -364,7 +385,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         del args, kwargs
         if self.pool_scores is not None:
             return self._pooled(batch)
-        if self.model.k_shot:
+        if self.model.k_shot or self.model.tiling is not None:
             return batch.update(**self.model(batch.image)._asdict())
         paths = getattr(batch, "image_path", None)
         features = self.model.visual_features(batch.image, paths, self.val_features, record=False)

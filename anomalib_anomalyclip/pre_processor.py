@@ -222,17 +222,23 @@ class ReferenceResize(Resize):
         return super().transform(inpt, params)
 
 
-def reference_transform(image_size: Sequence[int], exportable: bool = False) -> Transform:
+def reference_transform(image_size: Sequence[int] | None, exportable: bool = False) -> Transform:
     """The reference's resize and CLIP's normalisation.
 
     Args:
-        image_size: (height, width).
+        image_size: (height, width); ``None``: no resize, each image keeps its own size (tiled inference).
         exportable: the export form of the resize (see :class:`ReferenceResize`).
     """
+    if image_size is None:
+        return Compose([clip_normalisation()])
+    return Compose([ReferenceResize(image_size, exportable=exportable), clip_normalisation()])
+
+
+def clip_normalisation() -> Normalize:
+    """CLIP's (OpenAI's) mean and standard deviation."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    resize = ReferenceResize(image_size, exportable=exportable)
-    return Compose([resize, Normalize(mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)])
+    return Normalize(mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
 
 
 class AnomalyCLIPPreProcessor(PreProcessor):
@@ -243,17 +249,25 @@ class AnomalyCLIPPreProcessor(PreProcessor):
     resize. Checkpoints store ``{"anomalyclip_pre_processing": {"image_size": [h, w]}}``.
 
     Args:
-        image_size: (height, width) of the model's input.
+        image_size: (height, width) of the model's input; ``None``: no resize (a tiled model at each image's size).
     """
 
-    def __init__(self, image_size: Sequence[int] = (518, 518)) -> None:
+    def __init__(self, image_size: Sequence[int] | None = (518, 518)) -> None:
         super().__init__(transform=reference_transform(image_size))
         self._configure(image_size)
 
-    def _configure(self, image_size: Sequence[int]) -> None:
-        self.image_size = [int(side) for side in image_size]
+    def _configure(self, image_size: Sequence[int] | None) -> None:
+        self.image_size = None if image_size is None else [int(side) for side in image_size]
         self.transform = reference_transform(self.image_size)
         self.export_transform = reference_transform(self.image_size, exportable=True)
+
+    def resize_to(self, image_size: Sequence[int] | None) -> bool:
+        """Resize to ``image_size`` from now on (``None``: not at all); returns whether that changed anything."""
+        size = None if image_size is None else [int(side) for side in image_size]
+        if size == self.image_size:
+            return False
+        self._configure(size)
+        return True
 
     def checkpoint_config(self) -> dict[str, Any]:
         """Plain data for the checkpoint: the input size, and anomalib's spec of the nearest stock transform.
@@ -263,10 +277,10 @@ class AnomalyCLIPPreProcessor(PreProcessor):
         """
         from anomalib.pre_processing.utils.spec import transform_to_spec
 
-        stock = Compose(
-            [Resize(self.image_size, InterpolationMode.BICUBIC, antialias=True), *self.transform.transforms[1:]]
-        )
-        return {"transform": transform_to_spec(stock), CONFIG_KEY: {"image_size": list(self.image_size)}}
+        size = None if self.image_size is None else list(self.image_size)
+        resize = [] if size is None else [Resize(size, InterpolationMode.BICUBIC, antialias=True)]
+        stock = Compose([*resize, clip_normalisation()])
+        return {"transform": transform_to_spec(stock), CONFIG_KEY: {"image_size": size}}
 
     def load_checkpoint_config(self, config: dict[str, Any]) -> None:
         """Restore the input size; a checkpoint of another pre-processor keeps this one (with a log line)."""
@@ -278,17 +292,15 @@ class AnomalyCLIPPreProcessor(PreProcessor):
 
 
 def clip_pre_processor(
-    image_size: Sequence[int] = (518, 518), preprocessing: Preprocessing | str = "reference"
+    image_size: Sequence[int] | None = (518, 518), preprocessing: Preprocessing | str = "reference"
 ) -> PreProcessor:
     """The model's pre-processor: resize to ``image_size`` (bicubic) and CLIP's normalisation.
 
     Args:
-        image_size: (height, width).
+        image_size: (height, width); ``None``: no resize (a tiled model working at each image's own size).
         preprocessing: ``reference`` (:class:`AnomalyCLIPPreProcessor`) or ``fast`` (anomalib's float resize).
     """
     if parse_choice(Preprocessing, preprocessing, "preprocessing") is Preprocessing.REFERENCE:
         return AnomalyCLIPPreProcessor(image_size)
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    resize = Resize(image_size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return PreProcessor(transform=Compose([resize, Normalize(mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)]))
+    resize = [] if image_size is None else [Resize(image_size, interpolation=InterpolationMode.BICUBIC, antialias=True)]
+    return PreProcessor(transform=Compose([*resize, clip_normalisation()]))

@@ -32,6 +32,7 @@ from .mutual import MutualFusion, MutualScoringConfig, MutualScoringError, fuse_
 from .mutual import score_pool as score_mutually
 from .prompts import AGNOSTIC_OBJECT, PromptConfig, PromptLearner, PromptTextEncoder, PromptType, save_prompts
 from .scoring import GaussianSmoothing, patch_probability_maps, similarity_logits
+from .tiled_model import TiledModel
 
 if TYPE_CHECKING:
     from .feature_cache.store import FeatureCache
@@ -79,8 +80,8 @@ class PoolMember(NamedTuple):
     class_embedding: torch.Tensor
 
 
-class AnomalyCLIPModel(nn.Module):
-    """AnomalyCLIP on a frozen open_clip CLIP.
+class AnomalyCLIPModel(TiledModel, nn.Module):
+    """AnomalyCLIP on a frozen open_clip CLIP (tiled inference: :class:`.tiled_model.TiledModel`).
 
     Args:
         backbone: open_clip model name.
@@ -338,6 +339,8 @@ class AnomalyCLIPModel(nn.Module):
         """
         if self.training:
             return self.training_outputs(images, class_names)
+        if self.tiling is not None:
+            return self.score_tiled(images)
         text_features = self.inference_text_features()
         return score_images(self.visual_encoder, self.smoothing, images, text_features, self.few_shot)
 
@@ -398,7 +401,7 @@ class AnomalyCLIPModel(nn.Module):
         text encoder. This is what gets exported.
         """
         text_features = self.inference_text_features()
-        return AnomalyCLIPInferenceModel(self.visual_encoder, text_features, self.smoothing, self.few_shot)
+        return AnomalyCLIPInferenceModel(self.visual_encoder, text_features, self.smoothing, self.few_shot, self.tiling)
 
     def remember_references(self, images: torch.Tensor, batch_size: int = 8) -> InferenceBatch | None:
         """Fill the few-shot bank with the patch tokens of normal reference images.
@@ -414,6 +417,8 @@ class AnomalyCLIPModel(nn.Module):
         """
         if self.few_shot is None:
             raise RuntimeError("This model has no few-shot bank; give it one with use_few_shot().")
+        if self.tiling is not None:
+            return self.remember_tiled_references(images)
         taps = self.visual_encoder.feature_taps + self.few_shot.taps
         with torch.no_grad():
             encoded = [self.visual_encoder(chunk, taps) for chunk in images.split(batch_size)]

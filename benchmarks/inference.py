@@ -13,6 +13,9 @@ process on the same images, one image per call after one warm-up call:
 * ``openvino-fp16``, ``openvino-int8``, ``openvino-int8-ptq``: anomalib's compression
   options (FP16 weights; INT8 weights; INT8 post-training quantisation calibrated on
   synthetic MVTec-format images);
+* ``eager-fp32-tiled-N`` (N = 1, 4, 9, 16): tiled inference (:mod:`anomalib_anomalyclip.tiling`) with N tiles of
+  the input size, at a working size of sqrt(N) times the input size, plus the global view: N + 1 encoder inputs per
+  image in one call; after the table, each one's time per image against N + 1 times eager fp32's;
 * ``clip-visual-fp32``: open_clip's plain visual forward at the same size (no DPAM, no
   scoring), a yardstick that relates the figures to plain CLIP measured in the same run;
 * ``reference-fp32`` (with ``--reference-repo``): the reference implementation's own code
@@ -44,6 +47,8 @@ Usage::
     python benchmarks/inference.py                          # ViT-L-14-336 at 518 px (many minutes on 2 cores)
     python benchmarks/inference.py --backbone ViT-B-16 --image-size 224 --images 2   # a quick run
     python benchmarks/inference.py --flavours eager-fp32 openvino-fp32 openvino-bf16
+    python benchmarks/inference.py --backbone ViT-B-16 --image-size 224 --images 2 \
+        --flavours eager-fp32 eager-fp32-tiled-1 eager-fp32-tiled-4 eager-fp32-tiled-9 eager-fp32-tiled-16
     python benchmarks/inference.py --reference-repo ../AnomalyCLIP --flavours eager-fp32 reference-fp32 openvino-fp32
     python benchmarks/inference.py --device cuda --images 20 --reference-repo ../AnomalyCLIP
     python benchmarks/inference.py --mutual-pools 8 32 128     # mutual scoring's cost (CPU, many minutes for 128)
@@ -78,8 +83,10 @@ from anomalyclip_bench.throughput import (
     model_flops_utilisation,
     published_peak_tflops,
 )
+from anomalyclip_bench.tiling_study import tiled_arguments, tiled_cost_lines
 
 DATASET_CATEGORY = "bench"
+TILE_COUNTS = (1, 4, 9, 16)
 MODEL_SEED = 0
 
 
@@ -96,6 +103,7 @@ class Flavour:
         reference: the reference implementation's code instead of ours.
         k_shot: few-shot references in the memory bank (0: zero-shot); its outputs differ from
             zero-shot by design, so no agreement is printed for it.
+        tiles: tiles per image of tiled inference (a square number; 0: untiled); no agreement is printed.
     """
 
     name: str
@@ -105,6 +113,7 @@ class Flavour:
     plain_clip: bool = False
     reference: bool = False
     k_shot: int = 0
+    tiles: int = 0
 
     @property
     def runs_in_torch(self) -> bool:
@@ -126,6 +135,7 @@ FLAVOURS = {
         Flavour("eager-bf16", precision="bf16"),
         Flavour("eager-fp16", precision="f16"),
         Flavour("eager-fp32-4shot", k_shot=4),
+        *(Flavour(f"eager-fp32-tiled-{tiles}", tiles=tiles) for tiles in TILE_COUNTS),
         Flavour("torch", export_type="torch"),
         Flavour("onnx", export_type="onnx"),
         Flavour("openvino-fp32", export_type="openvino"),
@@ -180,17 +190,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _applies(flavour: Flavour, args: argparse.Namespace) -> bool:
-    if flavour.reference and args.reference_repo is None:
+    if (flavour.reference and args.reference_repo is None) or flavour.tiles:  # tiled flavours: when named
         return False
     if flavour.precision == "f16" and flavour.export_type is None:  # fp16 autocast pays off on GPUs only
         return args.device == "cuda"
     return args.device == "cpu" or flavour.runs_in_torch
 
 
-def build_model(args: argparse.Namespace, work_dir: Path, k_shot: int = 0) -> torch.nn.Module:
+def build_model(args: argparse.Namespace, work_dir: Path, k_shot: int = 0, tiles: int = 0) -> torch.nn.Module:
     """The anomalib module with seeded random CLIP weights and fixed (seeded, untrained) prompts.
 
-    With ``k_shot``, the memory bank holds that many of the generated normal train images.
+    With ``k_shot``, the memory bank holds that many of the generated normal train images; with ``tiles``, the model
+    tiles (see :func:`anomalyclip_bench.tiling_study.tiled_arguments`).
     """
     from anomalib_anomalyclip import AnomalyCLIP
 
@@ -203,6 +214,7 @@ def build_model(args: argparse.Namespace, work_dir: Path, k_shot: int = 0) -> to
         prompt_weights=str(prompt_file(args, work_dir)),
         k_shot=k_shot,
         few_shot_source=str(references) if k_shot else None,
+        **tiled_arguments(args.image_size, tiles),
         visualizer=False,
         evaluator=False,
     ).eval()
@@ -375,7 +387,7 @@ def eager_model(
 ) -> tuple[Callable[[torch.Tensor], Any], torch.nn.Module]:
     """The anomalib module on the device, and a function that runs it under the flavour's autocast."""
     device = torch.device(args.device)
-    model = build_model(args, work_dir, flavour.k_shot).to(device)
+    model = build_model(args, work_dir, flavour.k_shot, flavour.tiles).to(device)
     dtype = AUTOCAST_DTYPES[flavour.precision]
 
     def predict(images: torch.Tensor) -> Any:
@@ -454,8 +466,8 @@ def summarise(
     per_image = float(np.mean(timing["seconds"])) / batch_size
     baseline_per_image = float(np.mean(baseline["batches"][key]["seconds"])) / batch_size
     first = args.batch_sizes[0]
-    flops = baseline["flops_per_image"]
-    comparable = not FLAVOURS[name].k_shot
+    flops = baseline["flops_per_image"] * (FLAVOURS[name].tiles + 1 if FLAVOURS[name].tiles else 1)  # views per image
+    comparable = not FLAVOURS[name].k_shot and not FLAVOURS[name].tiles
     return {
         "flavour": name,
         "batch_size": batch_size,
@@ -546,6 +558,7 @@ def main(argv: list[str] | None = None) -> None:
         if BASELINE not in results:
             raise SystemExit("eager fp32 failed; no ratios to print.")
         print_table(rows, args, results[BASELINE], peak_tflops)
+        print(tiled_cost_lines(rows, {name: flavour.tiles for name, flavour in FLAVOURS.items()}, BASELINE))
 
 
 def _progress_line(row: dict) -> str:

@@ -1,0 +1,176 @@
+"""Tiled inference in the torch model and the Lightning module (the method is in :mod:`.tiling`).
+
+* :class:`TiledModel` gives :class:`~anomalib_anomalyclip.torch_model.AnomalyCLIPModel` its ``tiler`` (what
+  anomalib's ``TilerConfigurationCallback`` sets), tiled scoring and a few-shot bank of tiles;
+* :func:`follow_tiling` makes the pre-processor resize to the working resolution once tiling is on;
+* :func:`check_tiled_training` and :func:`check_tiled_export` refuse what tiling cannot do, saying what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from anomalib.data import InferenceBatch
+
+from .pre_processor import AnomalyCLIPPreProcessor
+from .tiling import (
+    TileSettings,
+    TilingConfig,
+    TilingError,
+    as_tiler,
+    bank_rows,
+    encode_views,
+    pair,
+    score_tiled,
+    score_views,
+    tiling_config,
+    tiling_from_tiler,
+)
+
+if TYPE_CHECKING:
+    from anomalib.data.utils.tiler import Tiler
+
+__all__ = ["TiledModel", "check_tiled_export", "check_tiled_training", "follow_tiling"]
+
+logger = logging.getLogger(__name__)
+
+
+class TiledModel:
+    """Tiled inference for :class:`~anomalib_anomalyclip.torch_model.AnomalyCLIPModel` (mixed into it).
+
+    ``tiling`` is ``None`` (untiled) until :meth:`use_tiling` or anomalib's ``TilerConfigurationCallback``
+    (through :attr:`tiler`) switches it on; ``tile_settings`` are the working size and fusion a ``Tiler`` set from
+    outside gets.
+    """
+
+    tiling: TilingConfig | None = None
+    tile_settings: TileSettings = TileSettings()
+
+    @property
+    def tiler(self) -> Tiler | None:
+        """The anomalib ``Tiler`` of the current tiling (``None``: untiled).
+
+        Setting one switches tiling on, as for PatchCore: its tile size, stride and border count, with the working
+        size and fusion of :attr:`tile_settings`.
+        """
+        return None if self.tiling is None else as_tiler(self.tiling)
+
+    @tiler.setter
+    def tiler(self, tiler: Tiler | None) -> None:
+        self.use_tiling(None if tiler is None else tiling_from_tiler(tiler, self.image_size, self.tile_settings))
+
+    def use_tiling(self, tiling: TilingConfig | None) -> None:
+        """Score tiled from now on (``None``: untiled again).
+
+        Raises:
+            TilingError: the model does mutual scoring (a pool of whole images), or the tile is not the input size.
+        """
+        if tiling is not None and self.mutual_scoring is not None:
+            raise TilingError(
+                "Tiling and mutual scoring do not combine: mutual scoring compares whole images of a pool. Switch one "
+                "off (--model.mutual_scoring false, or no tile_size and no TilerConfigurationCallback)."
+            )
+        if tiling is not None and tiling.tile_size != (self.image_size, self.image_size):
+            tiling_config(tiling.tile_size, tiling.stride, self.image_size)  # raises, saying what to use
+        self.tiling = tiling
+
+    def score_tiled(self, images: torch.Tensor) -> InferenceBatch:
+        """Scores (B,) and maps (B, 1, H, W) of CLIP-normalised images at the working resolution, tiled."""
+        text_features = self.inference_text_features()
+        return score_tiled(self.visual_encoder, self.smoothing, images, text_features, self.few_shot, self.tiling)
+
+    def remember_tiled_references(self, images: torch.Tensor) -> InferenceBatch | None:
+        """Fill the few-shot bank with every view (tiles, global view) of each reference; see ``remember_references``.
+
+        Args:
+            images: (k, 3, H, W) CLIP-normalised references at the working resolution, encoded one at a time.
+        """
+        size = images.shape[-2:]
+        views = self.tiling.views_per_image(size)
+        taps = self.visual_encoder.feature_taps + self.few_shot.taps
+        with torch.no_grad():
+            encoded = [encode_views(self.visual_encoder, image, self.tiling, taps) for image in images.split(1)]
+        embedding = torch.cat([embedding for embedding, _ in encoded])
+        tokens = [torch.cat(layer) for layer in zip(*(layers for _, layers in encoded), strict=True)]
+        layers = len(self.visual_encoder.feature_taps)
+        self.few_shot.remember([bank_rows(layer, views) for layer in tokens[layers:]])
+        if images.shape[0] < 2:
+            return None
+        return self._tiled_leave_one_out(embedding, tokens, size, views)
+
+    def _tiled_leave_one_out(
+        self, embedding: torch.Tensor, tokens: list[torch.Tensor], size: Sequence[int], views: int
+    ) -> InferenceBatch:
+        rows = views * tokens[0].shape[1]
+        grid = self.visual_encoder.grid_size(self.tiling.tile_size)
+        text_features = self.inference_text_features()
+        outputs = []
+        with torch.no_grad():
+            for index in range(embedding.shape[0] // views):
+                scorer = self.few_shot.without_rows(index * rows, (index + 1) * rows)
+                one = slice(index * views, (index + 1) * views)
+                view_tokens = [layer[one] for layer in tokens]
+                outputs.append(
+                    score_views(
+                        embedding[one], view_tokens, size, self.tiling, grid, self.smoothing, text_features, scorer
+                    )
+                )
+        return InferenceBatch(
+            pred_score=torch.cat([output.pred_score for output in outputs]),
+            anomaly_map=torch.cat([output.anomaly_map for output in outputs]),
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The Lightning side: pre-processor and datasets at the working resolution
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def follow_tiling(module: Any) -> None:
+    """Make an AnomalyCLIP module's pre-processor (and its datamodule's datasets) resize to the working resolution.
+
+    ``TilerConfigurationCallback`` sets the torch model's ``tiler`` in its ``setup``, after the datamodule appended
+    the model's resize to its datasets; this runs in the module's ``setup`` and redoes that with the working
+    resolution. A pre-processor of the user's own is left as it is.
+    """
+    tiling = module.model.tiling
+    if tiling is None:
+        return
+    size = "each image's own size" if tiling.working_size is None else "x".join(map(str, tiling.working_size))
+    logger.info("AnomalyCLIP tiles %s-px tiles every %s px at %s.", tiling.tile_size[0], tiling.stride[0], size)
+    pre_processor = module.pre_processor
+    if not isinstance(pre_processor, AnomalyCLIPPreProcessor) or not pre_processor.resize_to(tiling.working_size):
+        return
+    datamodule = module.trainer.datamodule if getattr(module, "_trainer", None) is not None else None
+    if hasattr(datamodule, "_update_augmentations"):
+        datamodule._update_augmentations()  # anomalib appends the model's resize to every dataset's augmentations
+
+
+def check_tiled_training(tiling: TilingConfig | None) -> None:
+    """Refuse to learn prompts with tiling on (prompt training runs on untiled images)."""
+    if tiling is not None:
+        raise TilingError(
+            "Tiling is for scoring: prompts are learned on whole images at the model's input size. Learn the prompts "
+            "without tiling (anomalib fit), then test or predict with the checkpoint and --model.tile_size."
+        )
+
+
+def check_tiled_export(tiling: TilingConfig | None, input_size: Sequence[int] | None) -> TilingConfig | None:
+    """The tiling an export uses: a model tiling each image at its own size needs a fixed ``input_size``.
+
+    Raises:
+        TilingError: no working size and no ``input_size`` (the number of tiles must be known to the graph).
+    """
+    if tiling is None or tiling.working_size is not None:
+        return tiling
+    if input_size is None:
+        raise TilingError(
+            "This tiled model works at each image's own size, but an exported graph needs a fixed number of tiles. "
+            "Export with --input_size H W (the size of your images), or build the model with "
+            "--model.tile_working_size H W (the graph then resizes any image to it)."
+        )
+    return replace(tiling, working_size=pair(tuple(input_size), "input_size"))
