@@ -409,6 +409,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         """Load the prompts (and a few-shot bank), with a clear error when they were made for another configuration."""
         restored = restore_model_state(checkpoint, self.model, self.state_dict())
         super().on_load_checkpoint(checkpoint)
+        follow_tiling(self)  # the stored pre-processing may be an untiled model's
         self._set_probability_scale()
         self.prompts_ready = restored.prompts_trained
         self.learns_prompts = False

@@ -13,6 +13,7 @@ import pytest
 import torch
 from anomalib.callbacks import TilerConfigurationCallback
 from anomalib.data.utils.tiler import Tiler
+from lightning.pytorch import Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
 from anomalib_anomalyclip import AnomalyCLIP
@@ -172,6 +173,18 @@ def test_training_and_untiled_exports_of_own_size_tiling_are_refused(clip_path: 
     model = AnomalyCLIP(pretrained=str(clip_path), image_size=SIZE, tile_size=SIZE, visualizer=False)
     with pytest.raises(TilingError):
         model.setup(TrainerFn.FITTING)
+
+
+def test_a_checkpoint_of_an_untiled_model_keeps_the_working_size(
+    clip_path: Path, tiny_prompt_path: Path, tmp_path: Path
+) -> None:
+    untiled = _model(clip_path, tiny_prompt_path)
+    trainer = Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", default_root_dir=tmp_path)
+    trainer.strategy.connect(untiled)
+    trainer.save_checkpoint(tmp_path / "untiled.ckpt")
+    tiled = _model(clip_path, tiny_prompt_path, **TILED)
+    tiled.on_load_checkpoint(torch.load(tmp_path / "untiled.ckpt", map_location="cpu", weights_only=False))
+    assert tiled.pre_processor.image_size == list(WORKING)
 
 
 def test_own_size_pre_processing_only_normalises_and_survives_a_checkpoint() -> None:
