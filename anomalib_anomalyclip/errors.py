@@ -26,6 +26,7 @@ __all__ = [
     "ChoiceError",
     "ExportDataError",
     "ExportUnavailableError",
+    "MutualScoringExportError",
     "PromptCheckpointError",
     "PromptWeightsError",
     "PromptsUnavailableError",
@@ -93,6 +94,17 @@ class ExportUnavailableError(AnomalyCLIPError, RuntimeError):
 
 class ExportDataError(ExportUnavailableError, ValueError):
     """An export needs other data: also a ``ValueError``, the type anomalib raises when calibration data is missing."""
+
+
+class MutualScoringExportError(ExportUnavailableError):
+    """An export of a model that scores images mutually: a graph scores images one by one, without a pool."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Mutual scoring scores each image against the other images of its pool, and an exported graph scores "
+            "images one by one. Export the prompts' model (--model.mutual_scoring false, the same checkpoint), or "
+            "score pools with `anomalib predict --model AnomalyCLIP --model.mutual_scoring true --data <dir>`."
+        )
 
 
 class ChoiceError(AnomalyCLIPError, ValueError):

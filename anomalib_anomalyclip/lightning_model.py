@@ -1,20 +1,12 @@
 """AnomalyCLIP as an anomalib model: ``anomalib train|fit|test|predict|export --model AnomalyCLIP``.
 
-* **Zero-shot**: prompts from ``prompt_weights`` (a file, a URL, or a released name such as ``anomalyclip-mvtec``);
-  ``train``/``fit`` only collect thresholds, ``test``/``predict`` score.
-* **Few-shot** (``k_shot > 0``): normal references fill a memory bank whose nearest-neighbour map joins the
-  zero-shot map (:mod:`.few_shot`); ``train``/``fit`` collect references and thresholds and save a checkpoint.
-* **Mutual scoring** (``mutual_scoring``): each image is also scored against the other images of its pool
-  (:mod:`.mutual`, :mod:`.pool_scoring`).
-* **Prompt training** (the paper's protocol): without ``prompt_weights``, ``fit`` learns the prompts on labelled
-  images, e.g. :class:`anomalib_anomalyclip.data.AuxiliaryDataModule`; the CLIP stays frozen.
-
-Where the prompts come from is decided by :func:`.prompt_plan.plan_prompts`: with nothing to learn them from (normal
-fit data only, or no fit), the authors' released prompts trained on the other dataset; a ``fit`` on normal images
-then ends its training loop after one batch without a gradient step (:meth:`AnomalyCLIP.setup`). The computation
-is the torch model's (:mod:`.torch_model`); :mod:`.callbacks` keep the feature cache, check inputs and write
-``predictions.csv`` and the few-shot checkpoint; :mod:`.checkpoints` and :mod:`.export` say what checkpoints and
-exports hold.
+Zero-shot with prompts from ``prompt_weights``; few-shot with ``k_shot`` normal references (:mod:`.few_shot`);
+mutual scoring of the run's images with ``mutual_scoring`` (:mod:`.mutual`); tiled for small defects on large images
+with ``tile_size`` (:mod:`.tiling`); prompt training in ``fit`` on labelled images (the paper's protocol). Where the
+prompts come from is :func:`.prompt_plan.plan_prompts`'s decision: with nothing to learn them from, the released
+prompts trained on the other dataset, and a ``fit`` on normal images then ends its training loop after one batch
+without a gradient step (:meth:`AnomalyCLIP.setup`). The computation is the torch model's (:mod:`.torch_model`);
+:mod:`.callbacks` keep the feature cache, check inputs and write ``predictions.csv`` and the few-shot checkpoint.
 
 Example:
     >>> from anomalib.engine import Engine
@@ -51,7 +43,7 @@ from .checkpoints import CheckedCheckpointLoading, restore_model_state, save_mod
 from .data.references import load_references, missing_references, reference_source
 from .data.samples import has_pixel_mask
 from .dpam import DpamKind, DpamKindName, TokenPathName
-from .errors import ExportUnavailableError, PromptsUnavailableError, explain_setup_errors, parse_choice
+from .errors import MutualScoringExportError, PromptsUnavailableError, explain_setup_errors, parse_choice
 from .export import InferencePathExport
 from .feature_cache import FeatureCache, check_storage_dtype
 from .few_shot import FewShotFusionName, choose_references, few_shot_settings
@@ -80,77 +72,72 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         backbone: open_clip model name of the frozen CLIP.
         pretrained: open_clip tag (``"openai"``) or a local CLIP checkpoint file.
         image_size: side of the square input (images are resized to it, bicubic).
-        prompt_weights: prompts for zero-shot use: a file (ours or the reference's
-            released ``epoch_15.pth``), an http(s) URL, or a released short name
-            (``anomalyclip-mvtec``: trained on MVTec AD; ``anomalyclip-visa``: trained on
-            VisA). ``None``: the prompts start untrained and are learned by ``fit``.
-        train_prompts: learn the prompts in ``fit``. ``None`` means: learn them when no
-            ``prompt_weights`` are given. ``True`` with ``prompt_weights`` fine-tunes.
+        prompt_weights: prompts for zero-shot use: a file (ours or the reference's released ``epoch_15.pth``), an
+            http(s) URL, or a released short name (``anomalyclip-mvtec``: trained on MVTec AD; ``anomalyclip-visa``:
+            trained on VisA). ``None``: the prompts start untrained and are learned by ``fit``.
+        train_prompts: learn the prompts in ``fit``. ``None`` means: learn them when no ``prompt_weights`` are given.
+            ``True`` with ``prompt_weights`` fine-tunes.
         dpam_kind: ``vv`` (default), ``qq``, ``kk`` or ``none`` (no DPAM, an ablation).
         dpam_start_layer: first visual block (1-indexed) with the DPAM path.
-        feature_layers: visual blocks whose patch tokens make the maps; ``None``: the
-            last block, as in the released code. ``[6, 12, 18, 24]``: the paper's text.
+        feature_layers: visual blocks whose patch tokens make the maps; ``None``: the last block, as in the released
+            code. ``[6, 12, 18, 24]``: the paper's text.
         n_ctx: learnable context vectors per prompt.
         text_token_depth: learnable text-encoder tokens go into text blocks 2..depth.
         text_token_length: learnable tokens per text block.
         text_tokens: use the text-encoder tokens (an ablation switches them off).
         prompt_type: ``object_agnostic`` (the method) or ``object_aware`` (ablation).
-        class_name: object name for object-aware prompts; ``None`` takes the
-            datamodule's category.
+        class_name: object name for object-aware prompts; ``None`` takes the datamodule's category.
         smoothing_sigma: Gaussian smoothing of the map in pixels (0: off).
         lr: Adam learning rate of the prompts.
         betas: Adam betas.
         loss: ``glocal`` (default), ``global`` (image loss only) or ``local`` (maps only).
         local_loss_weight: weight of the focal + dice map losses.
         epochs: training epochs of the prompts (sets the trainer's ``max_epochs``).
-        seed: seed of the prompts' initialisation (anomalib's CLI does not apply
-            ``--seed_everything``; the auxiliary datamodule's ``seed`` fixes the batch order).
+        seed: seed of the prompts' initialisation (anomalib's CLI does not apply ``--seed_everything``; the auxiliary
+            datamodule's ``seed`` fixes the batch order).
         cache_dir: open_clip's download cache for ``pretrained`` tags.
-        feature_cache: compute the frozen visual features of each training image once and
-            reuse them in later epochs (see :mod:`anomalib_anomalyclip.feature_cache`).
-            Switched off automatically for randomly augmented training images.
-        feature_cache_dir: folder for a persistent, memory-mapped feature cache that later
-            runs with the same features reuse. ``None``: in memory when it fits, else in a
-            temporary folder below the trainer's ``default_root_dir``.
-        feature_cache_dtype: storage precision of the cache: ``float32`` (the features exactly
-            as computed) or ``float16`` (half the size, slightly different prompts).
-        k_shot: number of normal reference images for the few-shot memory bank; 0:
-            zero-shot. Taken from the datamodule's train split unless ``few_shot_source``.
+        feature_cache: compute the frozen visual features of each training image once and reuse them in later epochs
+            (see :mod:`anomalib_anomalyclip.feature_cache`). Switched off automatically for randomly augmented training
+            images.
+        feature_cache_dir: folder for a persistent, memory-mapped feature cache that later runs with the same features
+            reuse. ``None``: in memory when it fits, else in a temporary folder below the trainer's
+            ``default_root_dir``.
+        feature_cache_dtype: storage precision of the cache: ``float32`` (the features exactly as computed) or
+            ``float16`` (half the size, slightly different prompts).
+        k_shot: number of normal reference images for the few-shot memory bank; 0: zero-shot. Taken from the
+            datamodule's train split unless ``few_shot_source``.
         few_shot_source: a folder of normal reference images (instead of the train split).
         few_shot_layers: visual blocks of the memory bank; ``None``: the feature layers.
-        few_shot_tokens: ``dpam`` (the tokens that make the zero-shot maps, no extra cost)
-            or ``original`` (the ordinary attention stream of the same blocks).
-        few_shot_fusion: ``mean`` (default), ``harmonic`` or ``few_shot`` (the few-shot map
-            alone); see :mod:`anomalib_anomalyclip.few_shot`.
-        mutual_scoring: also score each image against the other images of its pool (the images of the
-            validation, test or predict run, per category or folder), as MuSc does, and fuse that with the
-            prompts' score and map (see :mod:`anomalib_anomalyclip.mutual` and :mod:`.pool_scoring`).
+        few_shot_tokens: ``dpam`` (the tokens that make the zero-shot maps, no extra cost) or ``original`` (the ordinary
+            attention stream of the same blocks).
+        few_shot_fusion: ``mean`` (default), ``harmonic`` or ``few_shot`` (the few-shot map alone); see
+            :mod:`anomalib_anomalyclip.few_shot`.
+        mutual_scoring: also score each image against the other images of its pool (the images of the validation, test
+            or predict run, per category or folder), as MuSc does, and fuse that with the prompts' score and map (see
+            :mod:`anomalib_anomalyclip.mutual` and :mod:`.pool_scoring`).
         mutual_blocks: visual blocks whose raw patch tokens are compared.
         mutual_radii: LNAMD neighbourhood sizes (odd).
         mutual_fraction: share of the other images whose nearest-patch distances are averaged, in (0, 1].
         mutual_pool_size: largest subset of a pool scored at once (larger pools are split reproducibly).
         rscin_k: RsCIN neighbourhood sizes for the image scores (MuSc: 1, 2, 3 for MVTec AD; 1, 8, 9 for VisA);
             ``None``: the maps' maxima.
-        mutual_fusion: ``mean`` (prompts and mutual scores, each on the pool's [0, 1] scale, averaged) or
-            ``mutual`` (the mutual score and map alone).
-        tile_size: tiled inference for small defects on large images (see :mod:`anomalib_anomalyclip.tiling`): tiles
-            of this side, which must be ``image_size``; ``None``: untiled (anomalib's ``TilerConfigurationCallback``
+        mutual_fusion: ``mean`` (prompts and mutual scores, each on the pool's [0, 1] scale, averaged) or ``mutual``
+            (the mutual score and map alone).
+        tile_size: tiled inference for small defects on large images (see :mod:`anomalib_anomalyclip.tiling`): tiles of
+            this side, which must be ``image_size``; ``None``: untiled (anomalib's ``TilerConfigurationCallback``
             switches tiling on too).
         tile_stride: step between tiles (at most ``tile_size``); ``None``: ``tile_size``.
-        tile_working_size: (height, width) or side the images are resized to before tiling; ``None``: each image's
-            own size.
+        tile_working_size: (height, width) or side the images are resized to before tiling; ``None``: each image's own
+            size.
         tile_fusion: ``mean`` (tiles and a global view of the whole image, averaged), ``max``, or ``tiles`` alone.
-        normal_quantile: when validation sees only normal images (or the references,
-            scored leave-one-out), the thresholds are this quantile of their scores:
-            ``1 - normal_quantile`` is the accepted false-alarm rate.
-        preprocessing: ``reference`` (default): each image resized on its own as the reference
-            implementation does (8-bit PIL bicubic, masks bilinear > 0.5; also in exported graphs);
-            ``fast``: anomalib's float resize (masks nearest). See :mod:`.pre_processor`.
-        pre_processor: anomalib pre-processor, or ``True`` for resize + CLIP normalisation as
-            ``preprocessing`` says.
+        normal_quantile: when validation sees only normal images (or the references, scored leave-one-out), the
+            thresholds are this quantile of their scores: ``1 - normal_quantile`` is the accepted false-alarm rate.
+        preprocessing: ``reference`` (default): each image resized on its own as the reference implementation does
+            (8-bit PIL bicubic, masks bilinear > 0.5; also in exported graphs); ``fast``: anomalib's float resize (masks
+            nearest). See :mod:`.pre_processor`.
+        pre_processor: anomalib pre-processor, or ``True`` for resize + CLIP normalisation as ``preprocessing`` says.
         post_processor: anomalib post-processor, or ``True`` for the default.
-        evaluator: anomalib evaluator, or ``True`` for image AUROC/AP/F1-max and pixel
-            AUROC/AUPRO/F1-max.
+        evaluator: anomalib evaluator, or ``True`` for image AUROC/AP/F1-max and pixel AUROC/AUPRO/F1-max.
         visualizer: anomalib visualizer, or ``True`` for the default.
     """
 
@@ -208,10 +195,10 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         check_storage_dtype(feature_cache_dtype)
         tiles = tile_settings(tile_working_size, tile_fusion)
         tiling = tiling_config(tile_size, tile_stride, image_size, tiles) if tile_size else None
-        if pre_processor is True and tiling is not None:  # resize to the working size (None: not at all)
-            pre_processor = clip_pre_processor(tiling.working_size, preprocessing)
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor((image_size, image_size), preprocessing)
+        if pre_processor is True:  # tiled: resize to the working size (None: not at all)
+            pre_processor = clip_pre_processor(
+                tiling.working_size if tiling else (image_size, image_size), preprocessing
+            )
         if post_processor is True:
             post_processor = ProbabilityPostProcessor(normal_quantile)
         super().__init__(
@@ -241,8 +228,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         if settings.k_shot:
             self.model.use_few_shot(settings)
         if mutual_scoring:
-            rscin = tuple(rscin_k) if rscin_k else None
-            config = (tuple(mutual_blocks), tuple(mutual_radii), mutual_fraction, mutual_pool_size, rscin, seed or 0)
+            config = (tuple(mutual_blocks), tuple(mutual_radii), mutual_fraction, mutual_pool_size, rscin_k, seed or 0)
             self.model.use_mutual_scoring(MutualScoringConfig(*config))
         self.model.tile_settings = tiles  # also for a Tiler that TilerConfigurationCallback sets
         self.model.use_tiling(tiling)
@@ -434,11 +420,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
     def prepare_export(self) -> None:
         """Refuse to export untrained prompts, an empty few-shot bank, or mutual scoring (it needs a pool)."""
         if self.model.mutual_scoring:
-            raise ExportUnavailableError(
-                "Mutual scoring scores each image against the other images of its pool, and an exported graph scores "
-                "images one by one. Export the prompts' model (--model.mutual_scoring false, the same checkpoint), "
-                "or score pools with `anomalib predict --model AnomalyCLIP --model.mutual_scoring true --data <dir>`."
-            )
+            raise MutualScoringExportError
         self._require_prompts()
         if self.model.k_shot and not self.model.has_references:
             if not self.hparams.few_shot_source:
@@ -489,10 +471,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         )
 
     def _load_released_prompts(self, plan: PromptPlan) -> None:
-        name, trained_on = plan.released.name, plan.released.trained_on
-        message = "AnomalyCLIP uses the released prompts '%s' (trained on %s), because %s; pass --model.prompt_weights "
-        logger.info(message + "to choose others.", name, trained_on, plan.reason)
-        self.model.load_prompts(resolve_prompt_weights(name))
+        self.model.load_prompts(plan.released_file())
         self.prompts_ready = True
 
     def _pooled(self, batch: Batch) -> Batch:

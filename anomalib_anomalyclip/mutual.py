@@ -128,6 +128,7 @@ class MutualScoringConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "rscin_k", tuple(self.rscin_k) if self.rscin_k else None)  # lists from the CLI
         if len(self.blocks) == 0:
             raise MutualScoringError("Mutual scoring needs at least one visual block (mutual_blocks), got none.")
         check_radii(self.radii)

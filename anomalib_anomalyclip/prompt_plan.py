@@ -6,9 +6,13 @@ checkpoint may have brought prompts); the prompts themselves are found by :mod:`
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
-from .weights import ReleasedPrompts, released_prompts_for
+from .weights import ReleasedPrompts, released_prompts_for, resolve_prompt_weights
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,13 @@ class PromptPlan:
     learn: bool
     released: ReleasedPrompts | None = None
     reason: str = ""
+
+    def released_file(self) -> Path:
+        """The released prompts' file (downloaded once into the cache), with one log line saying why they are used."""
+        name, trained_on = self.released.name, self.released.trained_on
+        message = "AnomalyCLIP uses the released prompts '%s' (trained on %s), because %s; pass --model.prompt_weights "
+        logger.info(message + "to choose others.", name, trained_on, self.reason)
+        return resolve_prompt_weights(name)
 
 
 def plan_prompts(

@@ -1,8 +1,8 @@
 """PyTorch model of AnomalyCLIP: normalised images in, image scores and anomaly maps out.
 
-The pieces live in their own modules: CLIP loading (:mod:`.backbone`), the dual-path
-visual forward (:mod:`.dpam`), the learnable prompts and text encoder (:mod:`.prompts`)
-and the scores and maps (:mod:`.scoring`). This module composes them.
+The pieces live in their own modules: CLIP loading (:mod:`.backbone`), the dual-path visual forward (:mod:`.dpam`),
+the prompts and text encoder (:mod:`.prompts`), the scores and maps (:mod:`.scoring`), the few-shot bank
+(:mod:`.few_shot`), mutual scoring (:mod:`.mutual`) and tiling (:mod:`.tiled_model`). This module composes them.
 
 Example:
     >>> import torch
@@ -210,11 +210,7 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
         self.mutual_scoring = config
 
     def encode_pool_member(self, images: torch.Tensor) -> PoolMember:
-        """One encoder pass over ``images`` for a pool: the prompts' outputs and the mutual-scoring tokens.
-
-        Args:
-            images: (B, 3, H, W) CLIP-normalised images.
-        """
+        """One encoder pass over CLIP-normalised ``images`` (B, 3, H, W): the prompts' outputs and mutual tokens."""
         if self.mutual_scoring is None:
             raise RuntimeError("This model does no mutual scoring; give it a configuration with use_mutual_scoring().")
         feature_taps = self.visual_encoder.feature_taps
