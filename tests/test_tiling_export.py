@@ -115,3 +115,4 @@ def test_torch_export_of_a_tiled_model_matches_eager(
 def test_a_graph_for_each_image_size_needs_its_size(model: AnomalyCLIP, tmp_path: Path) -> None:
     with pytest.raises(TilingError, match="--input_size H W"):
         model.to_onnx(tmp_path)
+    assert model.model.tiling is not None and hasattr(model.model, "text_encoder")  # the full model is back
