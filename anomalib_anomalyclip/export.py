@@ -47,9 +47,9 @@ def inference_model_in_place(
     """
     full_model = module.model
     module.model = full_model.inference_model()
-    if traced:
-        module.model.tiling = check_tiled_export(module.model.tiling, input_size)
     try:
+        if traced:
+            module.model.tiling = check_tiled_export(module.model.tiling, input_size)
         yield
     finally:
         module.model = full_model

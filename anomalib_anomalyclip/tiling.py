@@ -58,7 +58,25 @@ if TYPE_CHECKING:
 
     from .dpam import DualPathVisualEncoder, Tap
 
-__all__ = ["TileFusion", "TileFusionName", "TilingConfig", "TilingError", "score_tiled", "tiling_config"]
+__all__ = [
+    "TileFusion",
+    "TileFusionName",
+    "TileSettings",
+    "TilingConfig",
+    "TilingError",
+    "as_tiler",
+    "bank_rows",
+    "cut_views",
+    "encode_views",
+    "fuse_views",
+    "join_tiles",
+    "pair",
+    "score_tiled",
+    "score_views",
+    "tile_settings",
+    "tiling_config",
+    "tiling_from_tiler",
+]
 
 TileFusionName = Literal["mean", "max", "tiles"]
 Pair = tuple[int, int]
@@ -148,10 +166,10 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
 
 def pair(value: int | Sequence[int], name: str) -> Pair:
     """``value`` as (height, width) of positive pixel counts; :class:`TilingError` naming ``name`` otherwise."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(side, int) and side > 0 for side in pair):
+    sides = (value, value) if isinstance(value, int) else tuple(value)
+    if len(sides) != 2 or not all(isinstance(side, int) and side > 0 for side in sides):
         raise TilingError(f"{name} must be a positive number of pixels or a (height, width) pair, got {value!r}.")
-    return int(pair[0]), int(pair[1])
+    return int(sides[0]), int(sides[1])
 
 
 def tile_settings(working_size: int | Sequence[int] | None, fusion: TileFusion | str) -> TileSettings:

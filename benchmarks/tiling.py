@@ -10,6 +10,7 @@ Usage::
 
     python benchmarks/tiling.py                                 # seeds 0-4, 1536 px images, 448 px working size
     python benchmarks/tiling.py --prompts trained --seeds 0 1 2
+    python benchmarks/tiling.py --few-shot-fusion few_shot --shots 4      # the bank's map alone (what the test asserts)
     python benchmarks/tiling.py --working-size 768 --stride 84 --work-dir /tmp/tiling
 """
 
@@ -55,11 +56,12 @@ def main() -> None:
     parser.add_argument("--working-size", type=int, default=TilingStudyConfig.working_size)
     parser.add_argument("--stride", type=int, default=TilingStudyConfig.stride)
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 4])
+    parser.add_argument("--few-shot-fusion", choices=("mean", "harmonic", "few_shot"), default="mean")
     parser.add_argument("--work-dir", type=Path, default=None, help="kept after the run (default: a temporary one)")
     args = parser.parse_args()
     config = TilingStudyConfig(
         seeds=tuple(args.seeds), image_size=args.image_size, working_size=args.working_size, stride=args.stride,
-        shots=tuple(args.shots), model_args=MODEL_ARGS,
+        shots=tuple(args.shots), model_args=(*MODEL_ARGS, ("few_shot_fusion", args.few_shot_fusion)),
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as temporary:
         work_dir = args.work_dir or Path(temporary)
@@ -72,11 +74,13 @@ def main() -> None:
         start = time.perf_counter()
         rows = run_study(clip_path, prompts, config)
         tiles = config.tiling("mean").tile_count((config.working_size, config.working_size))
+        settings = (
+            f"{args.prompts} prompts, few-shot fusion {args.few_shot_fusion}; seeds {' '.join(map(str, args.seeds))}"
+        )
         print(
-            f"\n{args.prompts} prompts; seeds {' '.join(map(str, args.seeds))}; {config.image_size} px images, defects "
-            f"{config.defect_size[0]:g}-{config.defect_size[1]:g} px; input {config.input_size} px; working size "
-            f"{config.working_size} px, stride {config.stride} ({tiles} tiles); pixel AUROC at {config.eval_size} px; "
-            f"{time.perf_counter() - start:.0f} s"
+            f"\n{settings}; {config.image_size} px images, defects {config.defect_size[0]:g}-{config.defect_size[1]:g} "
+            f"px; input {config.input_size} px; working size {config.working_size} px, stride {config.stride} ({tiles} "
+            f"tiles); pixel AUROC at {config.eval_size} px; {time.perf_counter() - start:.0f} s"
         )
         print(markdown_table(rows))
 

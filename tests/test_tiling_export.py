@@ -106,7 +106,8 @@ def test_torch_export_of_a_tiled_model_matches_eager(
 
     monkeypatch.setitem(os.environ, "TRUST_REMOTE_CODE", "1")  # TorchInferencer refuses to unpickle without it
     inferencer = TorchInferencer(exported["torch"], device="cpu")
-    assert inferencer.model.model.tiling is not None  # the inference path, tiled
+    assert inferencer.model.model.tiling is not None  # the inference path, tiled, without the text encoder
+    assert not [key for key in inferencer.model.state_dict() if "text_encoder" in key or "prompt_learner" in key]
     with torch.inference_mode():
         outputs = inferencer.model(image)
     assert max(_differences({name: getattr(outputs, name).numpy() for name in OUTPUTS}, eager).values()) <= 1e-5
@@ -115,3 +116,4 @@ def test_torch_export_of_a_tiled_model_matches_eager(
 def test_a_graph_for_each_image_size_needs_its_size(model: AnomalyCLIP, tmp_path: Path) -> None:
     with pytest.raises(TilingError, match="--input_size H W"):
         model.to_onnx(tmp_path)
+    assert model.model.tiling is not None and hasattr(model.model, "text_encoder")  # the full model is back
