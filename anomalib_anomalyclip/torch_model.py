@@ -242,12 +242,13 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
         config = self.mutual_scoring
         if config is None:
             raise RuntimeError("This model does no mutual scoring; give it a configuration with use_mutual_scoring().")
-        tokens = [torch.cat(layer) for layer in zip(*(member.tokens for member in members), strict=True)]
-        prompt_maps = torch.cat([member.anomaly_map for member in members])
+        device = self.text_features.device  # members may wait in CPU memory; the model's device scores them
+        tokens = [torch.cat(layer).to(device) for layer in zip(*(member.tokens for member in members), strict=True)]
+        prompt_maps = torch.cat([member.anomaly_map for member in members]).to(device)
         size = (int(prompt_maps.shape[-2]), int(prompt_maps.shape[-1]))
-        embeddings = torch.cat([member.class_embedding for member in members])
+        embeddings = torch.cat([member.class_embedding for member in members]).to(device)
         scores, maps = score_mutually(tokens, self.visual_encoder.grid_size(size), size, config, embeddings)
-        prompt_scores = torch.cat([member.pred_score for member in members])
+        prompt_scores = torch.cat([member.pred_score for member in members]).to(device)
         fused_scores, fused_maps = fuse_with_prompts(prompt_scores, prompt_maps, scores, maps, fusion)
         return InferenceBatch(pred_score=fused_scores, anomaly_map=fused_maps)
 
