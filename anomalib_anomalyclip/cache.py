@@ -4,10 +4,10 @@
 ``~/.cache/anomalib_anomalyclip``. Below it, one sub-folder per kind of content:
 
 * ``prompts/``: released and downloaded prompt checkpoints (:mod:`.weights`);
-* ``synthetic/``: generated anomalous images and masks (:mod:`.data.anomaly_synthesis`);
-* ``features/``: persistent feature caches of prompt training, when asked for (:mod:`.feature_cache`).
+* ``synthetic/``: generated anomalous images and masks (:mod:`.data.anomaly_synthesis`).
 
-Explicit arguments (``cache_dir``, ``output_dir``, ``feature_cache_dir``) win over this folder.
+Explicit arguments (``cache_dir``, ``output_dir``) win over this folder. A persistent feature cache of prompt training
+is where ``feature_cache_dir`` says; without it the cache is temporary, not kept here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Literal
 __all__ = ["CACHE_ENV_VAR", "CacheKind", "cache_dir", "cache_root"]
 
 CACHE_ENV_VAR = "ANOMALYCLIP_CACHE"
-CacheKind = Literal["prompts", "synthetic", "features"]
+CacheKind = Literal["prompts", "synthetic"]
 _PACKAGE_FOLDER = "anomalib_anomalyclip"
 
 
