@@ -261,7 +261,7 @@ def _offline_message(backbone: str, tag: str, url: str, error: object) -> str:
 
 def clip_source(backbone: str, pretrained: str | Path | None) -> dict[str, Any]:
     """What a checkpoint records of its CLIP: the backbone, the tag or the absolute file path, the file's SHA-256."""
-    if pretrained is None or pretrained == "" or not _looks_like_path(pretrained):
+    if not is_weights_file(pretrained):
         return {"backbone": backbone, "pretrained": pretrained or None, "sha256": None}
     path = Path(pretrained).expanduser().resolve()
     return {"backbone": backbone, "pretrained": str(path), "sha256": file_sha256(path) if path.is_file() else None}

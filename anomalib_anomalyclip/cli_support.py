@@ -81,10 +81,11 @@ def _patch(cli_class: type) -> None:
     run = cli_class._run_subcommand
 
     def before_instantiate_classes(self: Any) -> None:
-        setattr(self, _OURS, _model_class(self) is not None)
+        model_class = _model_class(self)
+        setattr(self, _OURS, model_class is not None)
         with _reporting(self):
-            if getattr(self, _OURS):
-                prepare_run(self)
+            if model_class is not None:
+                prepare_run(self, model_class)
         before(self)
 
     def instantiate_classes(self: Any) -> None:
@@ -155,7 +156,7 @@ def _import_class(class_path: str) -> type | None:
     return found if isinstance(found, type) else None
 
 
-def prepare_run(cli: Any) -> None:
+def prepare_run(cli: Any, model_class: type) -> None:
     """Quiet logs, offline switches, the checkpoint's CLIP and the one check (see the module's description).
 
     Raises:
@@ -166,8 +167,7 @@ def prepare_run(cli: Any) -> None:
     from .network import settle_offline_mode
 
     quiet_library_logs()
-    model_class = _model_class(cli)
-    if model_class is None or model_class.__name__ != "AnomalyCLIP":
+    if model_class.__name__ != "AnomalyCLIP":
         return
     subcommand = str(cli.config["subcommand"])
     config = cli.config[subcommand]

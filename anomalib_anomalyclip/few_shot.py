@@ -28,7 +28,7 @@ constant like the text embeddings.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -182,6 +182,28 @@ class FewShotScorer(nn.Module):
         if memory is not None:
             self.memory = torch.empty_like(memory, device=self.memory.device)  # the bank's size is the stored one
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def score_leaving_out(
+    scorer: FewShotScorer, count: int, score_one: Callable[[int, FewShotScorer], InferenceBatch]
+) -> InferenceBatch:
+    """Each of the ``count`` references of a filled bank scored against the bank without its own rows.
+
+    Args:
+        scorer: the bank of ``count`` references, each filling the same number of rows.
+        count: the number of references.
+        score_one: scores reference ``index`` with the bank it is given.
+
+    Returns:
+        Scores (count,) and maps of normal images, for thresholds.
+    """
+    rows = scorer.memory.shape[1] // count
+    with torch.no_grad():
+        outputs = [score_one(index, scorer.without_rows(index * rows, (index + 1) * rows)) for index in range(count)]
+    return InferenceBatch(
+        pred_score=torch.cat([output.pred_score for output in outputs]),
+        anomaly_map=torch.cat([output.anomaly_map for output in outputs]),
+    )
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ The decisions mirror :func:`.prompt_plan.plan_prompts` (which prompts a run uses
 from __future__ import annotations
 
 import importlib
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,5 +148,5 @@ def _has_files(folder: Path) -> bool:
 
 def _downloads_itself(data_class: type) -> bool:
     """Whether anomalib's datamodule downloads its dataset (its module defines ``DOWNLOAD_INFO``)."""
-    module = sys.modules.get(data_class.__module__) or importlib.import_module(data_class.__module__)
+    module = importlib.import_module(data_class.__module__)
     return hasattr(module, "DOWNLOAD_INFO")

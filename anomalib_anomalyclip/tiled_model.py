@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from anomalib.data import InferenceBatch
 
+from .few_shot import FewShotScorer, score_leaving_out
 from .pre_processor import AnomalyCLIPPreProcessor
 from .tiling import (
     TileSettings,
@@ -105,24 +106,17 @@ class TiledModel:
     def _tiled_leave_one_out(
         self, embedding: torch.Tensor, tokens: list[torch.Tensor], size: Sequence[int], views: int
     ) -> InferenceBatch:
-        rows = views * tokens[0].shape[1]
         grid = self.visual_encoder.grid_size(self.tiling.tile_size)
         text_features = self.inference_text_features()
-        outputs = []
-        with torch.no_grad():
-            for index in range(embedding.shape[0] // views):
-                scorer = self.few_shot.without_rows(index * rows, (index + 1) * rows)
-                one = slice(index * views, (index + 1) * views)
-                view_tokens = [layer[one] for layer in tokens]
-                outputs.append(
-                    score_views(
-                        embedding[one], view_tokens, size, self.tiling, grid, self.smoothing, text_features, scorer
-                    )
-                )
-        return InferenceBatch(
-            pred_score=torch.cat([output.pred_score for output in outputs]),
-            anomaly_map=torch.cat([output.anomaly_map for output in outputs]),
-        )
+
+        def score_one(index: int, scorer: FewShotScorer) -> InferenceBatch:
+            one = slice(index * views, (index + 1) * views)
+            view_tokens = [layer[one] for layer in tokens]
+            return score_views(
+                embedding[one], view_tokens, size, self.tiling, grid, self.smoothing, text_features, scorer
+            )
+
+        return score_leaving_out(self.few_shot, embedding.shape[0] // views, score_one)
 
 
 # --------------------------------------------------------------------------------------------------------------------

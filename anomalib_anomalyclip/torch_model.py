@@ -26,7 +26,7 @@ from torch import nn
 
 from .backbone import load_clip
 from .dpam import DpamKind, DualPathVisualEncoder, Tap, TokenPath, check_layers
-from .few_shot import FewShotFusion, FewShotScorer, FewShotSettings
+from .few_shot import FewShotFusion, FewShotScorer, FewShotSettings, score_leaving_out
 from .inference_model import AnomalyCLIPInferenceModel, score_features, score_images
 from .mutual import MutualFusion, MutualScoringConfig, MutualScoringError, fuse_with_prompts
 from .mutual import score_pool as score_mutually
@@ -436,29 +436,16 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
     ) -> InferenceBatch:
         size = (int(size[0]), int(size[1]))
         grid = self.visual_encoder.grid_size(size)
-        rows = bank_tokens[0].shape[1]
         text_features = self.inference_text_features()
-        outputs = []
-        with torch.no_grad():
-            for index in range(global_embedding.shape[0]):
-                scorer = self.few_shot.without_rows(index * rows, (index + 1) * rows)
-                one = slice(index, index + 1)
-                outputs.append(
-                    score_features(
-                        global_embedding[one],
-                        [layer[one] for layer in patch_tokens],
-                        grid,
-                        size,
-                        self.smoothing,
-                        text_features,
-                        scorer,
-                        [layer[one] for layer in bank_tokens],
-                    )
-                )
-        return InferenceBatch(
-            pred_score=torch.cat([output.pred_score for output in outputs]),
-            anomaly_map=torch.cat([output.anomaly_map for output in outputs]),
-        )
+
+        def score_one(index: int, scorer: FewShotScorer) -> InferenceBatch:
+            one = slice(index, index + 1)
+            patches, bank = [layer[one] for layer in patch_tokens], [layer[one] for layer in bank_tokens]
+            return score_features(
+                global_embedding[one], patches, grid, size, self.smoothing, text_features, scorer, bank
+            )
+
+        return score_leaving_out(self.few_shot, global_embedding.shape[0], score_one)
 
     def training_outputs(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> TrainingOutput:
         """Image logits and per-layer probability maps, differentiable w.r.t. the prompts."""
