@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 import re
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +36,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from .config import is_flat, upgrade
 from .errors import CheckpointFileError, CheckpointNotFoundError, PromptCheckpointError
 from .few_shot import few_shot_settings
 from .prompts import prompts_of_lightning_checkpoint
@@ -322,6 +324,9 @@ class CheckedCheckpointLoading:
     def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> Any:
         """Check the file as anomalib would read it, then load as anomalib does.
 
+        A checkpoint of flat arguments (written before the groups) is built from its upgraded arguments
+        (:func:`.config.upgrade`).
+
         Args:
             checkpoint_path: the Lightning checkpoint.
             *args: passed on to ``AnomalibModule.load_from_checkpoint``.
@@ -331,5 +336,13 @@ class CheckedCheckpointLoading:
             The model of the checkpoint.
         """
         if isinstance(checkpoint_path, str | Path):
-            read_checkpoint_file(checkpoint_path, cls.checkpoint_safe_globals(), kwargs.get("weights_only", True))
+            checkpoint = read_checkpoint_file(
+                checkpoint_path, cls.checkpoint_safe_globals(), kwargs.get("weights_only", True)
+            )
+            hyper_parameters = checkpoint.get("hyper_parameters", {})
+            if is_flat(hyper_parameters):  # written before the arguments became groups
+                kwargs = upgrade({**hyper_parameters, **kwargs})
+                with warnings.catch_warnings():  # Lightning passes the flat ones too: upgraded the same way
+                    warnings.simplefilter("ignore", FutureWarning)
+                    return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)

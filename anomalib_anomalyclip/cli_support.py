@@ -23,7 +23,7 @@ import importlib
 import inspect
 import logging
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,17 @@ def _install_from_configure_logger() -> None:
 def _patch(cli_class: type) -> None:
     if getattr(cli_class, _MARK, False):
         return
-    before, instantiate = cli_class.before_instantiate_classes, cli_class.instantiate_classes
+    init, before, instantiate = cli_class.__init__, cli_class.before_instantiate_classes, cli_class.instantiate_classes
     run = cli_class._run_subcommand
+
+    @functools.wraps(init)
+    def __init__(self: Any, args: Sequence[str] | None = None, run: bool = True) -> None:
+        from .cli_arguments import upgrade_command_line
+
+        upgraded, notes = upgrade_command_line(sys.argv[1:] if args is None else args)
+        for note in notes:
+            sys.stderr.write(f"AnomalyCLIP: {note}\n")
+        init(self, upgraded, run)
 
     def before_instantiate_classes(self: Any) -> None:
         model_class = _model_class(self)
@@ -96,6 +105,7 @@ def _patch(cli_class: type) -> None:
         with _reporting(self):
             run(self)
 
+    cli_class.__init__ = __init__
     cli_class.before_instantiate_classes = before_instantiate_classes
     cli_class.instantiate_classes = instantiate_classes
     cli_class._run_subcommand = _run_subcommand

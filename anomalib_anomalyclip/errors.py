@@ -102,8 +102,8 @@ class MutualScoringExportError(ExportUnavailableError):
     def __init__(self) -> None:
         super().__init__(
             "Mutual scoring scores each image against the other images of its pool, and an exported graph scores "
-            "images one by one. Export the prompts' model (--model.mutual_scoring false, the same checkpoint), or "
-            "score pools with `anomalib predict --model AnomalyCLIP --model.mutual_scoring true --data <dir>`."
+            "images one by one. Export the prompts' model (--model.mutual false, the same checkpoint), or "
+            "score pools with `anomalib predict --model AnomalyCLIP --model.mutual true --data <dir>`."
         )
 
 

@@ -1,8 +1,8 @@
 """AnomalyCLIP as an anomalib model: ``anomalib train|fit|test|predict|export --model AnomalyCLIP``.
 
 Zero-shot with prompts from ``prompt_weights``; few-shot with ``k_shot`` normal references (:mod:`.few_shot`);
-mutual scoring of the run's images with ``mutual_scoring`` (:mod:`.mutual`); tiled for small defects on large images
-with ``tile_size`` (:mod:`.tiling`); prompt training in ``fit`` on labelled images (the paper's protocol). Where the
+mutual scoring of the run's images with ``mutual`` (:mod:`.mutual`); tiled for small defects on large images
+with ``tiling`` (:mod:`.tiling`); prompt training in ``fit`` on labelled images (the paper's protocol). Where the
 prompts come from is :func:`.prompt_plan.plan_prompts`'s decision: with nothing to learn them from, the released
 prompts trained on the other dataset, and a ``fit`` on normal images then ends its training loop after one batch
 without a gradient step (:meth:`AnomalyCLIP.setup`). The computation is the torch model's (:mod:`.torch_model`);
@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from anomalib import LearningType
@@ -40,25 +40,33 @@ from ._registry import expose
 from .backbone import clip_source
 from .callbacks import ConvertingImageVisualizer, model_callbacks
 from .checkpoints import CheckedCheckpointLoading, restore_model_state, save_model_state
+from .config import (
+    AnomalyCLIPConfig,
+    Dpam,
+    FeatureCaching,
+    FewShot,
+    MutualScoring,
+    Prompts,
+    Tiling,
+    Training,
+    accepts_flat_arguments,
+)
 from .data.references import load_references, missing_references, reference_source
 from .data.samples import has_pixel_mask
-from .dpam import DpamKind, DpamKindName, TokenPathName
-from .errors import MutualScoringExportError, PromptsUnavailableError, explain_setup_errors, parse_choice
+from .dpam import DpamKind
+from .errors import MutualScoringExportError, PromptsUnavailableError, explain_setup_errors
 from .export import InferencePathExport
-from .feature_cache import FeatureCache, check_storage_dtype
-from .few_shot import FewShotFusionName, choose_references, few_shot_settings
-from .loss import GlocalLoss, LossName, LossVariant
+from .feature_cache import FeatureCache
+from .few_shot import choose_references
+from .loss import GlocalLoss, LossVariant
 from .metrics import anomalyclip_evaluator
-from .mutual import MutualFusion, MutualScoringConfig
 from .pool_scoring import PoolScores, score_run
 from .post_processor import DEFAULT_NORMAL_QUANTILE, ProbabilityPostProcessor
 from .pre_processor import PreprocessingName, clip_pre_processor
-from .prompt_plan import PromptPlan, plan_prompts
-from .prompts import AGNOSTIC_OBJECT, PromptType, PromptTypeName
+from .prompt_plan import PromptPlan, PromptState, plan_prompts
+from .prompts import PromptType
 from .tiled_model import check_tiled_training, follow_tiling
-from .tiling import TileFusionName, tile_settings, tiling_config
 from .torch_model import AnomalyCLIPModel
-from .weights import resolve_prompt_weights
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +76,12 @@ __all__ = ["AnomalyCLIP", "ProbabilityPostProcessor", "PromptsUnavailableError"]
 class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule):
     """AnomalyCLIP: object-agnostic prompt learning for zero-shot anomaly detection.
 
+    The capabilities are configured in groups (:mod:`anomalib_anomalyclip.config`): on the command line
+    ``--model.mutual.fraction 0.25``, in YAML ``mutual: {fraction: 0.25}``, in Python ``mutual=MutualScoring(...)``
+    or a mapping. ``mutual`` and ``tiling`` are off unless given (``--model.mutual true`` switches one on with its
+    defaults). Flat arguments of earlier versions (``mutual_scoring``, ``tile_size``, ...) are still accepted, with a
+    warning naming the new spelling (:func:`anomalib_anomalyclip.config.upgrade`).
+
     Args:
         backbone: open_clip model name of the frozen CLIP.
         pretrained: open_clip tag (``"openai"``) or a local CLIP checkpoint file.
@@ -75,72 +89,33 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         prompt_weights: prompts for zero-shot use: a file (ours or the reference's released ``epoch_15.pth``), an
             http(s) URL, or a released short name (``anomalyclip-mvtec``: trained on MVTec AD; ``anomalyclip-visa``:
             trained on VisA). ``None``: the prompts start untrained and are learned by ``fit``.
-        train_prompts: learn the prompts in ``fit``. ``None`` means: learn them when no ``prompt_weights`` are given.
-            ``True`` with ``prompt_weights`` fine-tunes.
-        dpam_kind: ``vv`` (default), ``qq``, ``kk`` or ``none`` (no DPAM, an ablation).
-        dpam_start_layer: first visual block (1-indexed) with the DPAM path.
-        feature_layers: visual blocks whose patch tokens make the maps; ``None``: the last block, as in the released
-            code. ``[6, 12, 18, 24]``: the paper's text.
-        n_ctx: learnable context vectors per prompt.
-        text_token_depth: learnable text-encoder tokens go into text blocks 2..depth.
-        text_token_length: learnable tokens per text block.
-        text_tokens: use the text-encoder tokens (an ablation switches them off).
-        prompt_type: ``object_agnostic`` (the method) or ``object_aware`` (ablation).
-        class_name: object name for object-aware prompts; ``None`` takes the datamodule's category.
-        smoothing_sigma: Gaussian smoothing of the map in pixels (0: off).
-        lr: Adam learning rate of the prompts.
-        betas: Adam betas.
-        loss: ``glocal`` (default), ``global`` (image loss only) or ``local`` (maps only).
-        local_loss_weight: weight of the focal + dice map losses.
-        epochs: training epochs of the prompts (sets the trainer's ``max_epochs``).
-        seed: seed of the prompts' initialisation (anomalib's CLI does not apply ``--seed_everything``; the auxiliary
-            datamodule's ``seed`` fixes the batch order).
-        cache_dir: open_clip's download cache for ``pretrained`` tags.
-        feature_cache: compute the frozen visual features of each training image once and reuse them in later epochs
-            (see :mod:`anomalib_anomalyclip.feature_cache`). Switched off automatically for randomly augmented training
-            images.
-        feature_cache_dir: folder for a persistent, memory-mapped feature cache that later runs with the same features
-            reuse. ``None``: in memory when it fits, else in a temporary folder below the trainer's
-            ``default_root_dir``.
-        feature_cache_dtype: storage precision of the cache: ``float32`` (the features exactly as computed) or
-            ``float16`` (half the size, slightly different prompts).
         k_shot: number of normal reference images for the few-shot memory bank; 0: zero-shot. Taken from the
-            datamodule's train split unless ``few_shot_source``.
-        few_shot_source: a folder of normal reference images (instead of the train split).
-        few_shot_layers: visual blocks of the memory bank; ``None``: the feature layers.
-        few_shot_tokens: ``dpam`` (the tokens that make the zero-shot maps, no extra cost) or ``original`` (the ordinary
-            attention stream of the same blocks).
-        few_shot_fusion: ``mean`` (default), ``harmonic`` or ``few_shot`` (the few-shot map alone); see
-            :mod:`anomalib_anomalyclip.few_shot`.
-        mutual_scoring: also score each image against the other images of its pool (the images of the validation, test
-            or predict run, per category or folder), as MuSc does, and fuse that with the prompts' score and map (see
-            :mod:`anomalib_anomalyclip.mutual` and :mod:`.pool_scoring`).
-        mutual_blocks: visual blocks whose raw patch tokens are compared.
-        mutual_radii: LNAMD neighbourhood sizes (odd).
-        mutual_fraction: share of the other images whose nearest-patch distances are averaged, in (0, 1].
-        mutual_pool_size: largest subset of a pool scored at once (larger pools are split reproducibly).
-        rscin_k: RsCIN neighbourhood sizes for the image scores (MuSc: 1, 2, 3 for MVTec AD; 1, 8, 9 for VisA);
-            ``None``: the maps' maxima.
-        mutual_fusion: ``mean`` (prompts and mutual scores, each on the pool's [0, 1] scale, averaged) or ``mutual``
-            (the mutual score and map alone).
-        tile_size: tiled inference for small defects on large images (see :mod:`anomalib_anomalyclip.tiling`): tiles of
-            this side, which must be ``image_size``; ``None``: untiled (anomalib's ``TilerConfigurationCallback``
-            switches tiling on too).
-        tile_stride: step between tiles (at most ``tile_size``); ``None``: ``tile_size``.
-        tile_working_size: (height, width) or side the images are resized to before tiling; ``None``: each image's own
-            size.
-        tile_fusion: ``mean`` (tiles and a global view of the whole image, averaged), ``max``, or ``tiles`` alone.
+            datamodule's train split unless ``few_shot.source``.
+        prompts: the learnable prompts (:class:`~anomalib_anomalyclip.config.Prompts`).
+        training: prompt learning in ``fit`` (:class:`~anomalib_anomalyclip.config.Training`).
+        dpam: the dual-path features and the maps (:class:`~anomalib_anomalyclip.config.Dpam`).
+        few_shot: the few-shot bank, used with ``k_shot`` (:class:`~anomalib_anomalyclip.config.FewShot`).
+        mutual: mutual scoring of each image against the other images of its pool (the images of a validation, test
+            or predict run, per category or folder), fused with the prompts: ``true`` for the defaults, or its
+            settings (:class:`~anomalib_anomalyclip.config.MutualScoring`: blocks, radii, fraction, pool_size,
+            rscin_k, fusion, seed); ``false``: off.
+        tiling: tiled inference for small defects on large images: ``true`` for the defaults, or its settings
+            (:class:`~anomalib_anomalyclip.config.Tiling`: tile_size, stride, working_size, fusion); ``false``: off
+            (anomalib's ``TilerConfigurationCallback`` switches it on too).
+        feature_cache: the feature cache of prompt training (:class:`~anomalib_anomalyclip.config.FeatureCaching`).
         normal_quantile: when validation sees only normal images (or the references, scored leave-one-out), the
             thresholds are this quantile of their scores: ``1 - normal_quantile`` is the accepted false-alarm rate.
         preprocessing: ``reference`` (default): each image resized on its own as the reference implementation does
-            (8-bit PIL bicubic, masks bilinear > 0.5; also in exported graphs); ``fast``: anomalib's float resize (masks
-            nearest). See :mod:`.pre_processor`.
+            (8-bit PIL bicubic, masks bilinear > 0.5; also in exported graphs); ``fast``: anomalib's float resize
+            (masks nearest). See :mod:`.pre_processor`.
+        cache_dir: open_clip's download cache for ``pretrained`` tags.
         pre_processor: anomalib pre-processor, or ``True`` for resize + CLIP normalisation as ``preprocessing`` says.
         post_processor: anomalib post-processor, or ``True`` for the default.
         evaluator: anomalib evaluator, or ``True`` for image AUROC/AP/F1-max and pixel AUROC/AUPRO/F1-max.
         visualizer: anomalib visualizer, or ``True`` for the default.
     """
 
+    @accepts_flat_arguments
     @explain_setup_errors
     def __init__(
         self,
@@ -148,93 +123,43 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         pretrained: str | None = "openai",
         image_size: int = 518,
         prompt_weights: str | None = None,
-        train_prompts: bool | None = None,
-        dpam_kind: DpamKindName = "vv",
-        dpam_start_layer: int = 6,
-        feature_layers: Sequence[int] | None = None,
-        n_ctx: int = 12,
-        text_token_depth: int = 9,
-        text_token_length: int = 4,
-        text_tokens: bool = True,
-        prompt_type: PromptTypeName = "object_agnostic",
-        class_name: str | None = None,
-        smoothing_sigma: float = 4.0,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.5, 0.999),
-        loss: LossName = "glocal",
-        local_loss_weight: float = 4.0,
-        epochs: int = 15,
-        seed: int | None = 111,
-        cache_dir: str | None = None,
-        feature_cache: bool = True,
-        feature_cache_dir: str | None = None,
-        feature_cache_dtype: Literal["float32", "float16"] = "float32",
         k_shot: int = 0,
-        few_shot_source: str | None = None,
-        few_shot_layers: Sequence[int] | None = None,
-        few_shot_tokens: TokenPathName = "dpam",
-        few_shot_fusion: FewShotFusionName = "mean",
-        mutual_scoring: bool = False,
-        mutual_blocks: Sequence[int] = (6, 12, 18, 24),
-        mutual_radii: Sequence[int] = (1, 3, 5),
-        mutual_fraction: float = 0.3,
-        mutual_pool_size: int = 200,
-        rscin_k: Sequence[int] | None = (1, 2, 3),
-        mutual_fusion: MutualFusion = "mean",
-        tile_size: int | None = None,
-        tile_stride: int | None = None,
-        tile_working_size: int | Sequence[int] | None = None,
-        tile_fusion: TileFusionName = "mean",
+        prompts: Prompts = Prompts(),  # noqa: B008 - frozen dataclasses: shared defaults are safe
+        training: Training = Training(),  # noqa: B008
+        dpam: Dpam = Dpam(),  # noqa: B008
+        few_shot: FewShot = FewShot(),  # noqa: B008
+        mutual: MutualScoring | bool = False,
+        tiling: Tiling | bool = False,
+        feature_cache: FeatureCaching = FeatureCaching(),  # noqa: B008
         normal_quantile: float = DEFAULT_NORMAL_QUANTILE,
         preprocessing: PreprocessingName = "reference",
+        cache_dir: str | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        check_storage_dtype(feature_cache_dtype)
-        tiles = tile_settings(tile_working_size, tile_fusion)
-        tiling = tiling_config(tile_size, tile_stride, image_size, tiles) if tile_size else None
+        config = AnomalyCLIPConfig.from_arguments(
+            backbone=backbone, pretrained=pretrained, image_size=image_size, prompt_weights=prompt_weights,
+            k_shot=k_shot, prompts=prompts, training=training, dpam=dpam, few_shot=few_shot, mutual=mutual,
+            tiling=tiling, feature_cache=feature_cache, normal_quantile=normal_quantile, preprocessing=preprocessing,
+            cache_dir=cache_dir,
+        )  # fmt: skip
+        model = AnomalyCLIPModel.from_config(config)
         if pre_processor is True:  # tiled: resize to the working size (None: not at all)
-            pre_processor = clip_pre_processor(
-                tiling.working_size if tiling else (image_size, image_size), preprocessing
-            )
+            pre_processor = clip_pre_processor(model.input_resolution, preprocessing)
         if post_processor is True:
             post_processor = ProbabilityPostProcessor(normal_quantile)
         super().__init__(
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
         )
-        self.model = AnomalyCLIPModel(
-            backbone=backbone,
-            pretrained=pretrained,
-            image_size=image_size,
-            prompt_weights=resolve_prompt_weights(prompt_weights),
-            dpam_kind=parse_choice(DpamKind, dpam_kind, "dpam_kind"),
-            dpam_start_layer=dpam_start_layer,
-            feature_layers=feature_layers,
-            n_ctx=n_ctx,
-            text_token_depth=text_token_depth,
-            text_token_length=text_token_length,
-            text_tokens=text_tokens,
-            prompt_type=parse_choice(PromptType, prompt_type, "prompt_type"),
-            class_name=class_name or AGNOSTIC_OBJECT,
-            smoothing_sigma=smoothing_sigma,
-            prompt_seed=seed,
-            cache_dir=cache_dir,
-        )
-        settings = few_shot_settings(
-            k_shot, few_shot_layers, few_shot_tokens, few_shot_fusion, self.model.feature_layers
-        )
-        if settings.k_shot:
-            self.model.use_few_shot(settings)
-        if mutual_scoring:
-            config = (tuple(mutual_blocks), tuple(mutual_radii), mutual_fraction, mutual_pool_size, rscin_k, seed or 0)
-            self.model.use_mutual_scoring(MutualScoringConfig(*config))
-        self.model.tile_settings = tiles  # also for a Tiler that TilerConfigurationCallback sets
-        self.model.use_tiling(tiling)
-        self.loss = GlocalLoss(parse_choice(LossVariant, loss, "loss"), local_loss_weight)
-        self.prompts_ready = prompt_weights is not None
-        self.learns_prompts = self._prompt_plan(fitting=True, datamodule=None).learn
+        self.model = model
+        self.config = config
+        self.save_hyperparameters(config.hyper_parameters())  # plain values: checkpoints stay readable weights-only
+        self.loss = GlocalLoss(LossVariant(config.training.loss), config.training.local_loss_weight)
+        given = prompt_weights is not None
+        learn = plan_prompts(prompt_weights, config.training.learn, k_shot, ready=given, fitting=True).learn
+        self.prompt_state = PromptState.initial(given, learn)
         # Set by FeatureCacheCallback while prompts are trained (see anomalib_anomalyclip.feature_cache).
         self.train_features: FeatureCache | None = None
         self.val_features: FeatureCache | None = None
@@ -277,23 +202,24 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """Adam over the prompt parameters only (about 43 K numbers for ViT-L/14@336)."""
-        if not self.learns_prompts:
+        if not self.prompt_state.learns:
             return None
-        return torch.optim.Adam(self.model.prompt_parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        training = self.config.training
+        return torch.optim.Adam(self.model.prompt_parameters(), lr=training.lr, betas=training.betas)
 
     @property
     def learning_type(self) -> LearningType:
         """``FEW_SHOT`` with k_shot; ``ONE_CLASS`` (anomalib's "needs fitting") to learn prompts; else ``ZERO_SHOT``."""
         if self.model.k_shot:
             return LearningType.FEW_SHOT
-        return LearningType.ONE_CLASS if self.learns_prompts else LearningType.ZERO_SHOT
+        return LearningType.ONE_CLASS if self.prompt_state.learns else LearningType.ZERO_SHOT
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
         """Epochs of prompt training; nothing for zero-shot use."""
-        if not self.learns_prompts:
+        if not self.prompt_state.learns:
             return {}
-        return {"max_epochs": self.hparams.epochs, "num_sanity_val_steps": 0}
+        return {"max_epochs": self.config.training.epochs, "num_sanity_val_steps": 0}
 
     @classmethod
     def checkpoint_safe_globals(cls) -> Sequence[Any]:
@@ -310,19 +236,17 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         follow_tiling(self)  # after TilerConfigurationCallback: resize to the working resolution
         datamodule = self._datamodule()
         category = getattr(datamodule, "category", None)
-        if self.hparams.class_name is None and isinstance(category, str) and category:
+        if self.config.prompts.class_name is None and isinstance(category, str) and category:
             self.model.class_name = category
-        if stage != TrainerFn.FITTING or not self.learns_prompts:
+        if stage != TrainerFn.FITTING or not self.prompt_state.learns:
             return
         plan = self._prompt_plan(fitting=True, datamodule=datamodule)
         if plan.learn:
             check_tiled_training(self.model.tiling)
-            self.prompts_ready = True  # the fit gives them
+            self.prompt_state = PromptState.LEARNING  # the fit gives them
             return
         self._load_released_prompts(plan)
-        self.learns_prompts = False
-        self.trainer.fit_loop.max_epochs = 1
-        self.trainer.limit_train_batches = 1
+        cut_training_to_one_batch(self.trainer)
 
     def val_dataloader(self) -> list:
         """No validation data of its own (``predict --data <folder>``: the probability-scale thresholds stay)."""
@@ -330,7 +254,8 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
 
     def on_train_end(self) -> None:
         """From now on the prompts are fixed: further runs are zero-shot."""
-        self.learns_prompts = False
+        if self.prompt_state.learns:
+            self.prompt_state = PromptState.FIXED
 
     def on_validation_start(self) -> None:
         """Make ready to score: prompts (refused if untrained), references, the pools of mutual scoring."""
@@ -347,7 +272,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One step of prompt learning with the glocal loss (nothing when the prompts are fixed)."""
         del args, kwargs
-        if not self.learns_prompts:
+        if not self.prompt_state.learns:
             return None
         features = self.model.visual_features(batch.image, getattr(batch, "image_path", None), self.train_features)
         outputs = self.model.outputs_from_features(*features, batch.image.shape[-2:], self._class_names(batch))
@@ -388,8 +313,8 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the prompts, references and anomalib's components, not the frozen CLIP (see :mod:`.checkpoints`)."""
         super().on_save_checkpoint(checkpoint)
-        clip = clip_source(self.hparams.backbone, self.hparams.pretrained)
-        save_model_state(checkpoint, self.model, self.prompts_ready, self.references, clip)
+        clip = clip_source(self.config.backbone, self.config.pretrained)
+        save_model_state(checkpoint, self.model, self.prompt_state.ready, self.references, clip)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Load the prompts (and a few-shot bank), with a clear error when they were made for another configuration."""
@@ -397,8 +322,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         super().on_load_checkpoint(checkpoint)
         follow_tiling(self)  # the stored pre-processing may be an untiled model's
         self._set_probability_scale()
-        self.prompts_ready = restored.prompts_trained
-        self.learns_prompts = False
+        self.prompt_state = PromptState.FIXED if restored.prompts_trained else PromptState.MISSING
         if self.model.k_shot:
             self.references = restored.references
             self._references_restored = True
@@ -415,23 +339,23 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         self._require_prompts()
         if self.model.k_shot:
             self.collect_references(required=True)
-        self.pool_scores = score_run(self, dataloaders, self.pool_scores) if self.model.mutual_scoring else None
+        self.pool_scores = score_run(self, dataloaders, self.pool_scores) if self.model.mutual else None
 
     def prepare_export(self) -> None:
         """Refuse to export untrained prompts, an empty few-shot bank, or mutual scoring (it needs a pool)."""
-        if self.model.mutual_scoring:
+        if self.model.mutual:
             raise MutualScoringExportError
         self._require_prompts()
         if self.model.k_shot and not self.model.has_references:
-            if not self.hparams.few_shot_source:
+            if not self.config.few_shot.source:
                 raise ValueError(
                     "This few-shot model holds no references yet, so an export would be zero-shot. Export with "
-                    "--ckpt_path of the checkpoint that `anomalib train` saved, or give --model.few_shot_source."
+                    "--ckpt_path of the checkpoint that `anomalib train` saved, or give --model.few_shot.source."
                 )
             self.collect_references(required=True)
 
     def _require_prompts(self) -> None:
-        if not self.prompts_ready:
+        if not self.prompt_state.ready:
             raise PromptsUnavailableError
 
     def collect_references(self, required: bool) -> None:
@@ -440,14 +364,15 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         Args:
             required: fail when there is no source of references and the bank is empty.
         """
-        if self.model.has_references and (self._references_restored or self.hparams.few_shot_source):
+        few_shot = self.config.few_shot
+        if self.model.has_references and (self._references_restored or few_shot.source):
             return  # restored, or filled this run from the folder (which is not listed and checked again)
-        source = reference_source(self.hparams.few_shot_source, self._datamodule(), self.model.k_shot)
+        source = reference_source(few_shot.source, self._datamodule(), self.model.k_shot)
         if source is None and required and not self.model.has_references:
             raise missing_references(self.model.k_shot)
         if source is None:
             return  # e.g. predicting on a folder after fit: a filled bank stays as it is
-        paths = choose_references(source.paths, self.model.k_shot, self.hparams.seed or 0, source.description)
+        paths = choose_references(source.paths, self.model.k_shot, few_shot.seed, source.description)
         if self.model.has_references and paths == self.references:
             return
         transform = self.pre_processor.transform if self.pre_processor else None
@@ -462,17 +387,17 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
 
     def _prompt_plan(self, fitting: bool, datamodule: object | None) -> PromptPlan:
         return plan_prompts(
-            self.hparams.prompt_weights,
-            self.hparams.train_prompts,
-            self.model.k_shot,
-            ready=self.prompts_ready,
+            self.config.prompt_weights,
+            self.config.training.learn,
+            self.config.k_shot,
+            ready=self.prompt_state.ready,
             fitting=fitting,
             datamodule=datamodule,
         )
 
     def _load_released_prompts(self, plan: PromptPlan) -> None:
         self.model.load_prompts(plan.released_file())
-        self.prompts_ready = True
+        self.prompt_state = PromptState.FIXED
 
     def _pooled(self, batch: Batch) -> Batch:
         return batch.update(**self.pool_scores.lookup(batch.image_path, self.device)._asdict())
@@ -494,6 +419,12 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         if datamodule is not None and hasattr(datamodule, "class_names_for"):
             return datamodule.class_names_for(list(batch.image_path))
         return [self.model.class_name] * batch.image.shape[0]
+
+
+def cut_training_to_one_batch(trainer: Any) -> None:
+    """End a fit's training loop after one batch: a fit with nothing to learn still validates and checkpoints."""
+    trainer.fit_loop.max_epochs = 1
+    trainer.limit_train_batches = 1
 
 
 expose(AnomalyCLIP)  # also when this module is imported first (see _registry)

@@ -95,29 +95,32 @@ def check_pool(pool: int, fraction: float) -> None:
 def check_radii(radii: Sequence[int]) -> None:
     """Raise :class:`MutualScoringError` unless ``radii`` is a non-empty sequence of odd positive integers."""
     if len(radii) == 0:
-        raise MutualScoringError("Mutual scoring needs at least one LNAMD radius (mutual_radii), got none.")
+        raise MutualScoringError("Mutual scoring needs at least one LNAMD radius (mutual.radii), got none.")
     for radius in radii:
         if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1 or radius % 2 == 0:
             raise MutualScoringError(
-                f"LNAMD radii (mutual_radii) must be odd positive integers (1, 3, 5, ...), got {radius!r}."
+                f"LNAMD radii (mutual.radii) must be odd positive integers (1, 3, 5, ...), got {radius!r}."
             )
 
 
 @dataclass(frozen=True)
-class MutualScoringConfig:
-    """Settings of mutual scoring, checked.
+class MutualScoring:
+    """Mutual scoring of each image against the other images of its pool (MuSc), and its fusion with the prompts.
 
-    Bad settings raise :class:`MutualScoringError`, whose messages name the arguments of
-    :class:`~anomalib_anomalyclip.AnomalyCLIP` (``mutual_fraction`` for ``fraction``, ...).
+    The pools are the images of a validation, test or predict run, per category or folder (see
+    :mod:`anomalib_anomalyclip.pool_scoring`). Bad settings raise :class:`MutualScoringError`, whose messages name
+    the model's arguments (``mutual.fraction``, ...).
 
-    Attributes:
-        blocks: visual blocks whose patch tokens are scored (one token tensor per block).
-        radii: LNAMD neighbourhood sizes, odd.
-        fraction: share of the other images whose nearest distances are averaged, in (0, 1].
-        pool_size: largest subset scored at once; larger pools are split.
-        rscin_k: RsCIN neighbourhood sizes (MuSc: 1, 2, 3 for MVTec AD; 1, 8, 9 for VisA); None or
-            empty: image scores are the maps' maxima.
-        seed: seed of the split into subsets.
+    Args:
+        blocks: visual blocks whose raw patch tokens are compared (one token tensor per block).
+        radii: LNAMD neighbourhood sizes (odd).
+        fraction: share of the other images whose nearest-patch distances are averaged, in (0, 1].
+        pool_size: largest subset of a pool scored at once (larger pools are split reproducibly).
+        rscin_k: RsCIN neighbourhood sizes for the image scores (MuSc: 1, 2, 3 for MVTec AD; 1, 8, 9 for VisA);
+            ``None``: the maps' maxima.
+        fusion: ``mean`` (prompts and mutual scores, each on the pool's [0, 1] scale, averaged) or ``mutual`` (the
+            mutual score and map alone).
+        seed: seed of the split of large pools into subsets.
     """
 
     blocks: tuple[int, ...] = (6, 12, 18, 24)
@@ -125,21 +128,26 @@ class MutualScoringConfig:
     fraction: float = 0.3
     pool_size: int = 200
     rscin_k: tuple[int, ...] | None = (1, 2, 3)
-    seed: int = 0
+    fusion: MutualFusion = "mean"
+    seed: int = 111
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rscin_k", tuple(self.rscin_k) if self.rscin_k else None)  # lists from the CLI
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        object.__setattr__(self, "radii", tuple(self.radii))
+        if self.fusion not in ("mean", "mutual"):
+            raise MutualScoringError(f"mutual.fusion must be one of 'mean', 'mutual', got {self.fusion!r}.")
         if len(self.blocks) == 0:
-            raise MutualScoringError("Mutual scoring needs at least one visual block (mutual_blocks), got none.")
+            raise MutualScoringError("Mutual scoring needs at least one visual block (mutual.blocks), got none.")
         check_radii(self.radii)
         if not 0 < self.fraction <= 1:
             raise MutualScoringError(
-                f"mutual_fraction must lie in (0, 1], got {self.fraction}: it is the share of the other images of "
+                f"mutual.fraction must lie in (0, 1], got {self.fraction}: it is the share of the other images of "
                 "the pool whose nearest-patch distances are averaged (0.3 in MuSc)."
             )
         if self.pool_size < self.min_pool:
             raise MutualScoringError(
-                f"mutual_pool_size={self.pool_size} is below the smallest pool mutual scoring works with: "
+                f"mutual.pool_size={self.pool_size} is below the smallest pool mutual scoring works with: "
                 f"{self.min_pool} images at fraction={self.fraction}."
             )
         if self.rscin_k is not None and any(k < 1 for k in self.rscin_k):
@@ -216,7 +224,7 @@ def mutual_scores(features: torch.Tensor, fraction: float, chunk_tokens: int = C
 def mutual_patch_scores(
     tokens_per_block: Sequence[torch.Tensor],
     grid: tuple[int, int],
-    config: MutualScoringConfig,
+    config: MutualScoring,
     chunk_tokens: int = CHUNK_TOKENS,
 ) -> torch.Tensor:
     """Patch scores (N, H, W) of one pool: LNAMD + MSM, mean over blocks and radii (no split).
@@ -328,7 +336,7 @@ def score_pool(
     tokens_per_block: Sequence[torch.Tensor],
     grid: tuple[int, int],
     image_size: tuple[int, int],
-    config: MutualScoringConfig,
+    config: MutualScoring,
     class_embeddings: torch.Tensor | None = None,
     chunk_tokens: int = CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,7 +372,7 @@ def _check_grid(length: int, grid: tuple[int, int]) -> None:
         raise ValueError(f"A {grid[0]} x {grid[1]} token grid holds {grid[0] * grid[1]} tokens, got {length}.")
 
 
-def _check_tokens(tokens_per_block: Sequence[torch.Tensor], grid: tuple[int, int], config: MutualScoringConfig) -> int:
+def _check_tokens(tokens_per_block: Sequence[torch.Tensor], grid: tuple[int, int], config: MutualScoring) -> int:
     """Number of images after checking one (N, L, C) tensor per configured block."""
     if len(tokens_per_block) != len(config.blocks):
         raise ValueError(
@@ -377,3 +385,6 @@ def _check_tokens(tokens_per_block: Sequence[torch.Tensor], grid: tuple[int, int
     count, length = shapes.pop()
     _check_grid(length, grid)
     return count
+
+
+MutualScoringConfig = MutualScoring  # the name before the model's arguments became groups

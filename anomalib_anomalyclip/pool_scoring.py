@@ -1,6 +1,6 @@
 """Mutual scoring in a Lightning run: the run's images are encoded once, pooled, and scored against each other.
 
-With ``mutual_scoring`` on, :class:`~anomalib_anomalyclip.AnomalyCLIP` calls :func:`score_run` when a validation,
+With ``mutual`` on, :class:`~anomalib_anomalyclip.AnomalyCLIP` calls :func:`score_run` when a validation,
 test or predict loop starts (after its prompts and references are ready): every image of the loop's dataloaders
 goes through the encoder once (:meth:`.AnomalyCLIPModel.encode_pool_member`), the images are grouped into pools,
 each pool is scored (:meth:`.AnomalyCLIPModel.score_pool`), and the steps then look their images up by path
@@ -9,8 +9,8 @@ instead of running the encoder again.
 Pools: one per category when the dataset holds several (a ``category`` column, as in
 :class:`~anomalib_anomalyclip.data.AuxiliaryDataModule`), one per folder for images to predict on
 (``anomalib predict --data <folder>``, :class:`~anomalib_anomalyclip.data.PredictFolder`), else one for the loop.
-Images of a pool are ordered by path, so subsets (``mutual_pool_size``) do not depend on the loader's order. A
-pool smaller than the minimum (5 images at ``mutual_fraction=0.3``) stops the run with :class:`MutualPoolError`.
+Images of a pool are ordered by path, so subsets (``mutual.pool_size``) do not depend on the loader's order. A
+pool smaller than the minimum (5 images at ``mutual.fraction=0.3``) stops the run with :class:`MutualPoolError`.
 Under DDP every process gathers the encoded images of all processes, so each image is scored against the whole
 pool; each process then looks up its own images.
 
@@ -112,7 +112,7 @@ def score_run(module: AnomalyCLIP, dataloaders: Any, previous: PoolScores | None
     for key, indices in _pools(paths, keys).items():
         pool = [members[index] for index in indices]
         _check_pool_size(module, key, len(pool))
-        scores.add([paths[index] for index in indices], module.model.score_pool(pool, module.hparams.mutual_fusion))
+        scores.add([paths[index] for index in indices], module.model.score_pool(pool))
     return scores
 
 
@@ -145,7 +145,7 @@ def run_signature(module: AnomalyCLIP, dataloaders: Any) -> Hashable | None:
         return None
     text_features = module.model.inference_text_features().detach().float().cpu().contiguous()
     digest = hashlib.sha256(text_features.numpy().tobytes()).hexdigest()
-    state = (digest, tuple(module.references), module.model.mutual_scoring, module.hparams.mutual_fusion)
+    state = (digest, tuple(module.references), module.model.mutual)
     return tuple(files), state
 
 
@@ -224,14 +224,14 @@ def _pools(paths: Sequence[str], keys: Sequence[str]) -> dict[str, list[int]]:
 
 
 def _check_pool_size(module: AnomalyCLIP, key: str, size: int) -> None:
-    minimum = module.model.mutual_scoring.min_pool
+    minimum = module.model.mutual.min_pool
     if size >= minimum:
         return
     where = f"the images of {key}" if key else "the images of this run"
     raise MutualPoolError(
         f"Mutual scoring scores each image against the other images of its pool, and needs at least {minimum} "
-        f"images per pool (mutual_fraction={module.model.mutual_scoring.fraction}); {where} are {size}. Score more "
-        "images at once (a folder or datamodule with more images), or switch it off with --model.mutual_scoring "
+        f"images per pool (mutual.fraction={module.model.mutual.fraction}); {where} are {size}. Score more "
+        "images at once (a folder or datamodule with more images), or switch it off with --model.mutual "
         "false to score each image on its own."
     )
 

@@ -85,13 +85,20 @@ def _prompts_spec(request: RunRequest) -> str | None:
     model = request.model
     if request.ckpt_path:
         return None  # the checkpoint holds them
-    given, train_prompts = model.get("prompt_weights"), model.get("train_prompts")
+    given, train_prompts = model.get("prompt_weights"), _field(model.get("training"), "learn")
     if given is not None:
         return str(given)
     wants_to_learn = not int(model.get("k_shot") or 0) and train_prompts is not False
     if request.subcommand in FITTING and wants_to_learn and not _normal_only(request.data_class):
         return None  # prompt training on labelled data
     return None if train_prompts else _released_name(request)
+
+
+def _field(group: Any, name: str) -> Any:
+    """A field of a model argument group as the parser gives it (a namespace, a mapping or a dataclass)."""
+    if isinstance(group, Mapping):
+        return group.get(name)
+    return getattr(group, name, None)
 
 
 def _released_name(request: RunRequest) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from .weights import ReleasedPrompts, released_prompts_for, resolve_prompt_weights
@@ -92,3 +93,35 @@ def training_data_is_normal_only(datamodule: object) -> bool:
     if samples is None or "label_index" not in getattr(samples, "columns", ()):
         return False
     return bool(len(samples)) and not bool((samples["label_index"] == 1).any())
+
+
+class PromptState(str, Enum):
+    """Where a model's prompts stand: the one state the Lightning module keeps about them.
+
+    * ``missing``: none yet, and ``fit`` learns none; a loop that scores loads the released ones (:func:`plan_prompts`).
+    * ``untrained``: randomly initialised; ``fit`` learns them, scoring refuses them.
+    * ``learning``: ``fit`` learns (or fine-tunes) them; they may be scored (validation within the fit).
+    * ``fixed``: given, released, restored from a checkpoint or learned; ``fit`` leaves them as they are.
+    """
+
+    MISSING = "missing"
+    UNTRAINED = "untrained"
+    LEARNING = "learning"
+    FIXED = "fixed"
+
+    @classmethod
+    def initial(cls, given: bool, learn: bool) -> PromptState:
+        """The state of a new model: prompts ``given`` (weights loaded) or not; ``learn`` in ``fit`` or not."""
+        if learn:
+            return cls.LEARNING if given else cls.UNTRAINED
+        return cls.FIXED if given else cls.MISSING
+
+    @property
+    def ready(self) -> bool:
+        """Whether the prompts may score images."""
+        return self in (PromptState.LEARNING, PromptState.FIXED)
+
+    @property
+    def learns(self) -> bool:
+        """Whether ``fit`` learns the prompts."""
+        return self in (PromptState.UNTRAINED, PromptState.LEARNING)

@@ -18,8 +18,8 @@ from anomalib.data import InferenceBatch
 
 from .few_shot import FewShotScorer, score_leaving_out
 from .pre_processor import AnomalyCLIPPreProcessor
+from .config import Tiling
 from .tiling import (
-    TileSettings,
     TilingConfig,
     TilingError,
     as_tiler,
@@ -43,26 +43,43 @@ logger = logging.getLogger(__name__)
 class TiledModel:
     """Tiled inference for :class:`~anomalib_anomalyclip.torch_model.AnomalyCLIPModel` (mixed into it).
 
-    ``tiling`` is ``None`` (untiled) until :meth:`use_tiling` or anomalib's ``TilerConfigurationCallback``
-    (through :attr:`tiler`) switches it on; ``tile_settings`` are the working size and fusion a ``Tiler`` set from
-    outside gets.
+    ``tiling`` is ``None`` (untiled) until :meth:`configure_tiling` or anomalib's ``TilerConfigurationCallback``
+    (through :attr:`tiler`) switches it on; ``tiling_options`` (the model's tiling group) give the working size and
+    fusion, also to a ``Tiler`` set from outside.
     """
 
     tiling: TilingConfig | None = None
-    tile_settings: TileSettings = TileSettings()
+    tiling_options: Tiling = Tiling()
+
+    @property
+    def input_resolution(self) -> tuple[int, int] | None:
+        """What the pre-processor resizes images to: the input size, the tiling's working size, or ``None``."""
+        if self.tiling is None:
+            return (self.image_size, self.image_size)
+        return self.tiling.working_size
+
+    def configure_tiling(self, options: Tiling | None) -> None:
+        """Tile with ``options`` (their tile size and stride, or the input size; ``None``: untiled).
+
+        A ``Tiler`` set later (:attr:`tiler`) keeps the working size and fusion of ``options``.
+        """
+        self.tiling_options = options or Tiling()
+        tile_size = self.tiling_options.tile_size or self.image_size
+        tiling = tiling_config(tile_size, self.tiling_options.stride, self.image_size, options) if options else None
+        self.use_tiling(tiling)
 
     @property
     def tiler(self) -> Tiler | None:
         """The anomalib ``Tiler`` of the current tiling (``None``: untiled).
 
         Setting one switches tiling on, as for PatchCore: its tile size, stride and border count, with the working
-        size and fusion of :attr:`tile_settings`.
+        size and fusion of :attr:`tiling_options`.
         """
         return None if self.tiling is None else as_tiler(self.tiling)
 
     @tiler.setter
     def tiler(self, tiler: Tiler | None) -> None:
-        self.use_tiling(None if tiler is None else tiling_from_tiler(tiler, self.image_size, self.tile_settings))
+        self.use_tiling(None if tiler is None else tiling_from_tiler(tiler, self.image_size, self.tiling_options))
 
     def use_tiling(self, tiling: TilingConfig | None) -> None:
         """Score tiled from now on (``None``: untiled again).
@@ -70,10 +87,10 @@ class TiledModel:
         Raises:
             TilingError: the model does mutual scoring (a pool of whole images), or the tile is not the input size.
         """
-        if tiling is not None and self.mutual_scoring is not None:
+        if tiling is not None and self.mutual is not None:
             raise TilingError(
                 "Tiling and mutual scoring do not combine: mutual scoring compares whole images of a pool. Switch one "
-                "off (--model.mutual_scoring false, or no tile_size and no TilerConfigurationCallback)."
+                "off (--model.mutual false, or --model.tiling false and no TilerConfigurationCallback)."
             )
         if tiling is not None and tiling.tile_size != (self.image_size, self.image_size):
             tiling_config(tiling.tile_size, tiling.stride, self.image_size)  # raises, saying what to use

@@ -42,12 +42,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from anomalib.data import InferenceBatch
 
+from .config import TileFusionName, Tiling
 from .errors import AnomalyCLIPError, parse_choice
 from .few_shot import FewShotScorer, smoothed_outputs
 from .pre_processor import resampling_matrix
@@ -61,7 +62,6 @@ if TYPE_CHECKING:
 __all__ = [
     "TileFusion",
     "TileFusionName",
-    "TileSettings",
     "TilingConfig",
     "TilingError",
     "as_tiler",
@@ -73,12 +73,10 @@ __all__ = [
     "pair",
     "score_tiled",
     "score_views",
-    "tile_settings",
     "tiling_config",
     "tiling_from_tiler",
 ]
 
-TileFusionName = Literal["mean", "max", "tiles"]
 Pair = tuple[int, int]
 VIEWS_PER_CALL = 32  # encoder inputs per call in eager runs (the views of one image always go together)
 
@@ -127,7 +125,7 @@ class TilingConfig:
         if size[0] < self.tile_size[0] or size[1] < self.tile_size[1]:
             raise TilingError(
                 f"An image of {size[0]}x{size[1]} px is smaller than a tile ({self.tile_size[0]}x{self.tile_size[1]} "
-                "px). Give a larger --model.tile_working_size, or score such images without tiling."
+                "px). Give a larger --model.tiling.working_size, or score such images without tiling."
             )
         return (
             _starts(int(size[0]), self.tile_size[0], self.stride[0]),
@@ -142,19 +140,6 @@ class TilingConfig:
     def views_per_image(self, size: Sequence[int]) -> int:
         """Encoder inputs per image: its tiles and, unless ``tiles`` fusion, its global view."""
         return self.tile_count(size) + int(self.global_view)
-
-
-@dataclass(frozen=True)
-class TileSettings:
-    """What tiling needs besides tile size and stride (a ``Tiler`` set by anomalib's callback gets these).
-
-    Attributes:
-        working_size: (height, width) to resize to before tiling; ``None``: each image's own size.
-        fusion: how tiles and the global view are fused.
-    """
-
-    working_size: Pair | None = None
-    fusion: TileFusion = TileFusion.MEAN
 
 
 def _starts(length: int, tile: int, stride: int) -> list[int]:
@@ -172,17 +157,11 @@ def pair(value: int | Sequence[int], name: str) -> Pair:
     return int(sides[0]), int(sides[1])
 
 
-def tile_settings(working_size: int | Sequence[int] | None, fusion: TileFusion | str) -> TileSettings:
-    """Checked working size and fusion."""
-    size = None if working_size is None else pair(working_size, "tile_working_size")
-    return TileSettings(size, parse_choice(TileFusion, fusion, "tile_fusion"))
-
-
 def tiling_config(
     tile_size: int | Sequence[int],
     stride: int | Sequence[int] | None,
     input_size: int,
-    settings: TileSettings | None = None,
+    options: Tiling | None = None,
     remove_border_count: int = 0,
 ) -> TilingConfig:
     """Tiling settings, checked against the model's input size.
@@ -191,33 +170,34 @@ def tiling_config(
         tile_size: side (or height, width) of a tile; must be the model's input size.
         stride: step between tiles; ``None``: the tile size (no overlap).
         input_size: the model's input size (``image_size``).
-        settings: working size and fusion; ``None``: each image's own size, ``mean`` fusion.
+        options: the model's tiling group, for its working size and fusion; ``None``: each image's own size,
+            ``mean`` fusion.
         remove_border_count: pixels along inner tile borders left out of the average.
 
     Raises:
         TilingError: a tile other than the input size, a stride larger than a tile, a working size smaller than a
             tile, or a border that leaves nothing of a tile.
     """
-    settings = settings or TileSettings()
-    tile = pair(tile_size, "tile_size")
+    options = options or Tiling()
+    tile = pair(tile_size, "tiling.tile_size")
     if tile != (input_size, input_size):
         raise TilingError(
             f"tile_size {tile[0]}x{tile[1]} differs from the model's input size {input_size}: every tile is one "
             f"input of the CLIP encoder. Use tile_size {input_size} (and choose the working resolution with "
-            "--model.tile_working_size), or change --model.image_size."
+            "--model.tiling.working_size), or change --model.image_size."
         )
-    step = tile if stride is None else pair(stride, "tile_stride")
+    step = tile if stride is None else pair(stride, "tiling.stride")
     if step[0] > tile[0] or step[1] > tile[1]:
         raise TilingError(
             f"The tile stride {step[0]}x{step[1]} is larger than the tile ({tile[0]}x{tile[1]}), which would leave "
             f"strips of the image unseen. Use a stride of at most {tile[0]} (e.g. {tile[0] * 3 // 4} for a quarter "
             "overlap)."
         )
-    working = settings.working_size
+    working = None if options.working_size is None else pair(options.working_size, "tiling.working_size")
     if working is not None and (working[0] < tile[0] or working[1] < tile[1]):
         raise TilingError(
             f"The working resolution {working[0]}x{working[1]} is smaller than a tile ({tile[0]}x{tile[1]}). Give "
-            f"--model.tile_working_size of at least {tile[0]} per side (tiling pays off well above it), or leave it "
+            f"--model.tiling.working_size of at least {tile[0]} per side (tiling pays off well above it), or leave it "
             "out to tile each image at its own size."
         )
     overlap = min(tile[0] - step[0], tile[1] - step[1])
@@ -226,14 +206,15 @@ def tiling_config(
             f"remove_border_count {remove_border_count} leaves pixels that no tile covers: tiles overlap by {overlap} "
             "px (tile size minus stride), which must be at least twice the border. Use a smaller stride or border."
         )
-    return TilingConfig(tile, step, working, settings.fusion, remove_border_count)
+    fusion = parse_choice(TileFusion, options.fusion, "tiling.fusion")
+    return TilingConfig(tile, step, working, fusion, remove_border_count)
 
 
-def tiling_from_tiler(tiler: Tiler, input_size: int, settings: TileSettings) -> TilingConfig:
+def tiling_from_tiler(tiler: Tiler, input_size: int, options: Tiling) -> TilingConfig:
     """The tiling an anomalib ``Tiler`` (as ``TilerConfigurationCallback`` builds it) asks for."""
     tile = (tiler.tile_size_h, tiler.tile_size_w)
     stride = (getattr(tiler, "stride_h", tile[0]), getattr(tiler, "stride_w", tile[1]))
-    return tiling_config(tile, stride, input_size, settings, int(tiler.remove_border_count))
+    return tiling_config(tile, stride, input_size, options, int(tiler.remove_border_count))
 
 
 def as_tiler(tiling: TilingConfig) -> Tiler:

@@ -26,15 +26,18 @@ from torch import nn
 
 from .backbone import load_clip
 from .dpam import DpamKind, DualPathVisualEncoder, Tap, TokenPath, check_layers
-from .few_shot import FewShotFusion, FewShotScorer, FewShotSettings, score_leaving_out
+from .errors import parse_choice
+from .few_shot import FewShotFusion, FewShotScorer, FewShotSettings, few_shot_settings, score_leaving_out
 from .inference_model import AnomalyCLIPInferenceModel, score_features, score_images
-from .mutual import MutualFusion, MutualScoringConfig, MutualScoringError, fuse_with_prompts
+from .mutual import MutualFusion, MutualScoring, MutualScoringError, fuse_with_prompts
 from .mutual import score_pool as score_mutually
 from .prompts import AGNOSTIC_OBJECT, PromptConfig, PromptLearner, PromptTextEncoder, PromptType, save_prompts
 from .scoring import GaussianSmoothing, patch_probability_maps, similarity_logits
 from .tiled_model import TiledModel
+from .weights import resolve_prompt_weights
 
 if TYPE_CHECKING:
+    from .config import AnomalyCLIPConfig
     from .feature_cache.store import FeatureCache
 
 
@@ -147,13 +150,48 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
         self.smoothing = GaussianSmoothing(smoothing_sigma)
         self.few_shot: FewShotScorer | None = None
         self.few_shot_settings: FewShotSettings | None = None
-        self.mutual_scoring: MutualScoringConfig | None = None
+        self.mutual: MutualScoring | None = None
         if few_shot is not None and few_shot.k_shot:
             self.use_few_shot(few_shot)
         self.register_buffer("text_features", torch.zeros(1, 2, clip.text_projection.shape[1]), persistent=False)
         self._text_features_key: tuple | None = None
         if prompt_weights is not None:
             self.prompt_learner.load_checkpoint(prompt_weights)
+
+    @classmethod
+    def from_config(cls, config: AnomalyCLIPConfig) -> AnomalyCLIPModel:
+        """The torch model of a Lightning model's configuration: prompts, DPAM, few-shot bank, mutual scoring, tiling.
+
+        Raises:
+            AnomalyCLIPError: a setting that does not fit the backbone (e.g. a block it does not have).
+        """
+        prompts, dpam = config.prompts, config.dpam
+        model = cls(
+            backbone=config.backbone,
+            pretrained=config.pretrained,
+            image_size=config.image_size,
+            prompt_weights=resolve_prompt_weights(config.prompt_weights),
+            dpam_kind=parse_choice(DpamKind, dpam.kind, "dpam.kind"),
+            dpam_start_layer=dpam.start_layer,
+            feature_layers=dpam.feature_layers,
+            n_ctx=prompts.n_ctx,
+            text_token_depth=prompts.text_token_depth,
+            text_token_length=prompts.text_token_length,
+            text_tokens=prompts.text_tokens,
+            prompt_type=parse_choice(PromptType, prompts.type, "prompts.type"),
+            class_name=prompts.class_name or AGNOSTIC_OBJECT,
+            smoothing_sigma=dpam.smoothing_sigma,
+            prompt_seed=prompts.seed,
+            cache_dir=config.cache_dir,
+        )
+        if config.k_shot:
+            few_shot = config.few_shot
+            layers = few_shot.layers
+            model.use_few_shot(few_shot_settings(config.k_shot, layers, few_shot.tokens, few_shot.fusion, model.feature_layers))
+        if config.mutual is not None:
+            model.use_mutual_scoring(config.mutual)
+        model.configure_tiling(config.tiling)
+        return model
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -173,7 +211,7 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
     @property
     def map_scale(self) -> float:
         """Largest map value: 1 when maps are fused (few-shot, mutual scoring), else the number of feature layers."""
-        return 1.0 if self.k_shot or self.mutual_scoring else float(len(self.feature_layers))
+        return 1.0 if self.k_shot or self.mutual else float(len(self.feature_layers))
 
     @property
     def uses_class_names(self) -> bool:
@@ -197,25 +235,25 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
         self.few_shot = self.new_few_shot_scorer(settings.taps, settings.fusion)
         self.few_shot_settings = settings
 
-    def use_mutual_scoring(self, config: MutualScoringConfig) -> None:
+    def use_mutual_scoring(self, config: MutualScoring) -> None:
         """Score images against the other images of their pool too (see :mod:`.mutual`); its blocks must exist.
 
         Raises:
             MutualScoringError: a block of ``config`` is not one of the visual transformer's.
         """
         try:
-            check_layers(config.blocks, self.visual_encoder.depth, "mutual_blocks")
+            check_layers(config.blocks, self.visual_encoder.depth, "mutual.blocks")
         except ValueError as error:
             raise MutualScoringError(f"{error} Choose blocks of this backbone, e.g. the last one.") from None
-        self.mutual_scoring = config
+        self.mutual = config
 
     def encode_pool_member(self, images: torch.Tensor) -> PoolMember:
         """One encoder pass over CLIP-normalised ``images`` (B, 3, H, W): the prompts' outputs and mutual tokens."""
-        if self.mutual_scoring is None:
+        if self.mutual is None:
             raise RuntimeError("This model does no mutual scoring; give it a configuration with use_mutual_scoring().")
         feature_taps = self.visual_encoder.feature_taps
         bank_taps = self.few_shot.taps if self.has_references else ()
-        mutual_taps = tuple(Tap(block, TokenPath.RESIDUAL) for block in self.mutual_scoring.blocks)
+        mutual_taps = tuple(Tap(block, TokenPath.RESIDUAL) for block in self.mutual.blocks)
         size = (int(images.shape[-2]), int(images.shape[-1]))
         with torch.no_grad():
             embedding, tokens, class_embedding = self.visual_encoder(
@@ -229,17 +267,17 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
         mutual_tokens = [layer.half() for layer in tokens[-len(mutual_taps) :]]
         return PoolMember(prompt.pred_score, anomaly_map, mutual_tokens, class_embedding)
 
-    def score_pool(self, members: Sequence[PoolMember], fusion: MutualFusion = "mean") -> InferenceBatch:
+    def score_pool(self, members: Sequence[PoolMember]) -> InferenceBatch:
         """Scores and maps of a pool of images, each scored against the others and fused with the prompts.
 
         Args:
-            members: the pool, as :meth:`encode_pool_member` encoded it (in a fixed order, e.g. sorted paths).
-            fusion: ``mean`` (prompts and mutual scores on the pool's [0, 1] scale, averaged) or ``mutual``.
+            members: the pool, as :meth:`encode_pool_member` encoded it (in a fixed order, e.g. sorted paths); the
+                mutual scores are fused with the prompts' as :attr:`mutual` says (``fusion``).
 
         Returns:
             ``pred_score`` (N,) and ``anomaly_map`` (N, 1, H, W) in [0, 1], in the order of ``members``.
         """
-        config = self.mutual_scoring
+        config = self.mutual
         if config is None:
             raise RuntimeError("This model does no mutual scoring; give it a configuration with use_mutual_scoring().")
         device = self.text_features.device  # members may wait in CPU memory; the model's device scores them
@@ -249,7 +287,7 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
         embeddings = torch.cat([member.class_embedding for member in members]).to(device)
         scores, maps = score_mutually(tokens, self.visual_encoder.grid_size(size), size, config, embeddings)
         prompt_scores = torch.cat([member.pred_score for member in members]).to(device)
-        fused_scores, fused_maps = fuse_with_prompts(prompt_scores, prompt_maps, scores, maps, fusion)
+        fused_scores, fused_maps = fuse_with_prompts(prompt_scores, prompt_maps, scores, maps, config.fusion)
         return InferenceBatch(pred_score=fused_scores, anomaly_map=fused_maps)
 
     def describe(self) -> dict[str, Any]:

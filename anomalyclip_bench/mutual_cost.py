@@ -81,7 +81,7 @@ def measure_pool(backbone: str, image_size: int, pool: int, encoded: int = 2, bl
     tokens_mb = sum(tokens.numel() * tokens.element_size() for one in members for tokens in one.tokens) / 2**20
     before = _resident_mb() if _reset_peak() else float("nan")
     start = time.perf_counter()
-    model.score_pool(members, "mean")
+    model.score_pool(members)
     mutual_seconds = (time.perf_counter() - start) / pool
     peak = peak_resident_mb()
     return MutualCost(pool, encoder_seconds, mutual_seconds, tokens_mb, peak, peak - before)

@@ -70,18 +70,30 @@ class FeatureSource(Protocol):
 
 
 class FeatureCacheSettings(Protocol):
-    """The module's hyper-parameters that switch the cache on and place it."""
+    """The settings that switch the cache on and place it (:class:`~anomalib_anomalyclip.config.FeatureCaching`)."""
 
-    feature_cache: bool
-    feature_cache_dir: str | None
-    feature_cache_dtype: str
+    enabled: bool
+    dir: str | None
+    dtype: str
+
+
+class CachingConfig(Protocol):
+    """The part of the module's configuration the cache reads."""
+
+    feature_cache: FeatureCacheSettings
+
+
+class PromptLearning(Protocol):
+    """Whether the module learns its prompts in this fit."""
+
+    learns: bool
 
 
 class PromptTrainingModule(FeatureSource, Protocol):
     """The Lightning module's side of :class:`FeatureCacheCallback`'s contract."""
 
-    hparams: FeatureCacheSettings
-    learns_prompts: bool
+    config: CachingConfig
+    prompt_state: PromptLearning
     train_features: FeatureCache | None
     val_features: FeatureCache | None
 
@@ -90,8 +102,8 @@ class FeatureCacheCallback(Callback):
     """Opens, advances and closes the training feature cache of a prompt-training ``fit``.
 
     Contract with the Lightning module (:class:`PromptTrainingModule`): the callback reads
-    ``learns_prompts`` and ``hparams.feature_cache``, ``feature_cache_dir`` and
-    ``feature_cache_dtype``, and sets two attributes, each a :class:`FeatureCache` or
+    ``prompt_state.learns`` and ``config.feature_cache`` (``enabled``, ``dir``, ``dtype``), and sets two
+    attributes, each a :class:`FeatureCache` or
     ``None`` (no cache): ``train_features``, which ``training_step`` passes to
     :meth:`.AnomalyCLIPModel.visual_features`, and ``val_features``, which ``validation_step`` passes with
     ``record=False``. The module adds the callback in ``configure_callbacks`` and sets
@@ -109,11 +121,9 @@ class FeatureCacheCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Open the feature cache of the training images, if the module asks for one."""
         module = cast("PromptTrainingModule", pl_module)
-        settings = module.hparams
-        if module.learns_prompts and settings.feature_cache:
-            self._cache = training_feature_cache(
-                trainer, module, settings.feature_cache_dir, settings.feature_cache_dtype
-            )
+        settings = module.config.feature_cache
+        if module.prompt_state.learns and settings.enabled:
+            self._cache = training_feature_cache(trainer, module, settings.dir, settings.dtype)
         module.train_features = self._cache
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
