@@ -72,7 +72,7 @@ def test_config_files_of_flat_arguments_upgrade_to_the_same_model(name: str) -> 
     else:
         assert config.mutual is None
     if flat["tile_size"]:
-        assert config.tiling == Tiling(tile_size=56, working_size=(112, 112))
+        assert config.tiling == Tiling(tile_size=56, working_size=112)
     else:
         assert config.tiling is None
 
