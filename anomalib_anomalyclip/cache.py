@@ -7,7 +7,7 @@
 * ``synthetic/``: generated anomalous images and masks (:mod:`.data.anomaly_synthesis`).
 
 Explicit arguments (``cache_dir``, ``output_dir``) win over this folder. A persistent feature cache of prompt training
-is where ``feature_cache_dir`` says; without it the cache is temporary, not kept here.
+is where ``feature_cache.dir`` says; without it the cache is temporary, not kept here.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import warnings
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -170,7 +170,7 @@ def _adopt_few_shot(model: AnomalyCLIPModel, stored: Mapping[str, Any]) -> None:
         raise PromptCheckpointError(
             f"The checkpoint's few-shot bank reads layers {list(settings.layers)} ({settings.tokens.value} "
             f"tokens); this model reads {list(current.layers)} ({current.tokens.value}). Drop the "
-            "few_shot_layers/few_shot_tokens arguments to use the checkpoint's."
+            "few_shot.layers/few_shot.tokens arguments to use the checkpoint's."
         )
 
 

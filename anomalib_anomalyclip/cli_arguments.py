@@ -99,7 +99,7 @@ def _new_options(name: str, value: str, mutual_on: bool) -> list[str]:
     new = FLAT_ARGUMENTS[name]
     if new.startswith("mutual.") and not mutual_on:
         return []  # without mutual_scoring true these never counted; now a field of mutual switches it on
-    if name == "tile_size" and value.lower() in ("null", "none"):
+    if name.startswith("tile_") and value.lower() in ("null", "none"):
         return []
     return [f"{PREFIX}{new}", value]
 
@@ -134,7 +134,9 @@ def _upgraded_copy(path: Path, notes: list[str]) -> Path | None:
     model_args.update(upgraded)
     copy = Path(tempfile.mkdtemp(prefix="anomalyclip-config-")) / path.name
     copy.write_text(yaml.safe_dump(content, sort_keys=False))
-    notes.append(f"{path} holds the flat model arguments of earlier versions ({examples}, ...); read as groups from {copy}")
+    notes.append(
+        f"{path} holds the flat model arguments of earlier versions ({examples}, ...); read as groups from {copy}"
+    )
     return copy
 
 

@@ -81,7 +81,7 @@ def _patch(cli_class: type) -> None:
     run = cli_class._run_subcommand
 
     @functools.wraps(init)
-    def __init__(self: Any, args: Sequence[str] | None = None, run: bool = True) -> None:
+    def __init__(self: Any, args: Sequence[str] | None = None, run: bool = True) -> None:  # noqa: N807
         from .cli_arguments import upgrade_command_line
 
         upgraded, notes = upgrade_command_line(sys.argv[1:] if args is None else args)

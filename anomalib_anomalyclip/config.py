@@ -30,9 +30,6 @@ from .prompts import PromptTypeName
 __all__ = [
     "FLAT_ARGUMENTS",
     "AnomalyCLIPConfig",
-    "accepts_flat_arguments",
-    "flat_argument_notes",
-    "is_flat",
     "ConfigurationError",
     "Dpam",
     "FeatureCaching",
@@ -41,7 +38,10 @@ __all__ = [
     "Prompts",
     "Tiling",
     "Training",
+    "accepts_flat_arguments",
     "as_group",
+    "flat_argument_notes",
+    "is_flat",
     "upgrade",
 ]
 
@@ -122,7 +122,6 @@ class Training:
         object.__setattr__(self, "betas", tuple(self.betas))
         _check_choice(self.loss, _choices(LossName), "training.loss")
         _check_positive(self.lr, "training.lr", "the Adam step size")
-        _check_positive(self.epochs, "training.epochs", "a number of epochs")
 
 
 @dataclass(frozen=True)
@@ -290,7 +289,10 @@ class AnomalyCLIPConfig:
             )
         _check_positive(self.image_size, "image_size", "the side of the square input in pixels")
         if not 0 < self.normal_quantile < 1:
-            raise ConfigurationError(f"normal_quantile must lie in (0, 1), got {self.normal_quantile}.")
+            raise ConfigurationError(
+                f"normal_quantile must lie in (0, 1) (1 - normal_quantile is the accepted false-alarm rate on normal "
+                f"images), got {self.normal_quantile}."
+            )
         _check_choice(self.preprocessing, ("reference", "fast"), "preprocessing")
 
     @classmethod
@@ -362,8 +364,9 @@ def upgrade(arguments: Mapping[str, Any]) -> dict[str, Any]:
     """The model's arguments with flat (old) names turned into groups; arguments already grouped pass unchanged.
 
     The values mean what they meant: ``mutual_scoring`` switches ``mutual`` on (its ``mutual_*`` values are kept
-    only then), ``tile_size`` switches ``tiling`` on, and ``seed`` seeds the prompts, the choice of references and
-    the split of pools (``None`` there meant 0).
+    only then); a ``tile_*`` value given switches ``tiling`` on (a working size or fusion was given for anomalib's
+    ``TilerConfigurationCallback``, whose tiles replace the model's); ``seed`` seeds the prompts, the choice of
+    references and the split of pools (``None`` there meant 0).
 
     Args:
         arguments: the model's arguments (``init_args`` of a ``config.yaml``, a checkpoint's hyper-parameters).
@@ -376,9 +379,10 @@ def upgrade(arguments: Mapping[str, Any]) -> dict[str, Any]:
             groups["feature_cache"]["enabled"] = value
         elif name == "mutual_scoring":
             switches["mutual"] = bool(value)
-        elif name == "tile_size":
-            switches["tiling"] = value is not None
-            groups["tiling"]["tile_size"] = value
+        elif name.startswith("tile_"):
+            if value is not None and value != "mean":  # a value given switches tiling on (tile_fusion: not default)
+                switches["tiling"] = True
+                groups["tiling"][FLAT_ARGUMENTS[name].partition(".")[2]] = value
         elif name in FLAT_ARGUMENTS:
             group, _, member = FLAT_ARGUMENTS[name].partition(".")
             groups[group][member] = value
@@ -389,11 +393,20 @@ def upgrade(arguments: Mapping[str, Any]) -> dict[str, Any]:
         groups["few_shot"]["seed"] = groups["mutual"]["seed"] = seed or 0
     for name, values in groups.items():
         given = upgraded.get(name)
-        if name in SWITCHED and not switches.get(name, isinstance(given, Mapping) or given is True):
+        if name in SWITCHED and not switches.get(name, given is not None and given is not False):
             upgraded[name] = False
         elif values or name in SWITCHED:
-            upgraded[name] = {**(given if isinstance(given, Mapping) else {}), **values}
+            upgraded[name] = _merged(given, values)
     return upgraded
+
+
+def _merged(given: Any, values: dict[str, Any]) -> Any:
+    """A group given (a mapping, a dataclass, a switch or nothing) with ``values`` of flat arguments on top."""
+    if isinstance(given, Mapping):
+        return {**given, **values}
+    if given is None or isinstance(given, bool):
+        return dict(values)
+    return replace(given, **values)
 
 
 def flat_argument_notes(arguments: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -89,9 +89,9 @@ class DualPathVisualEncoder(nn.Module):
         self.dpam_kind = DpamKind(dpam_kind)
         depth = len(visual.transformer.resblocks)
         self.depth = depth
-        self.feature_layers = check_layers(feature_layers, depth, "feature_layers") if feature_layers else (depth,)
+        self.feature_layers = check_layers(feature_layers, depth, "dpam.feature_layers") if feature_layers else (depth,)
         if not 1 <= dpam_start_layer <= depth:
-            raise ValueError(f"dpam_start_layer {dpam_start_layer} outside the visual transformer's blocks 1..{depth}.")
+            raise ValueError(f"dpam.start_layer {dpam_start_layer} outside the visual transformer's blocks 1..{depth}.")
         self.dpam_start_layer = dpam_start_layer
         self.num_heads = visual.transformer.resblocks[0].attn.num_heads
         self.patch_size = _pair(visual.conv1.kernel_size)

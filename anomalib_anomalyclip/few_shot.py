@@ -238,12 +238,12 @@ def few_shot_settings(
     """Checked few-shot settings; the bank's layers default to the model's feature layers."""
     if k_shot < 0:
         raise ValueError(f"k_shot must be 0 (zero-shot) or a positive number of reference images, got {k_shot}.")
-    path = parse_choice(TokenPath, tokens, "few_shot_tokens")
+    path = parse_choice(TokenPath, tokens, "few_shot.tokens")
     return FewShotSettings(
         k_shot,
         tuple(sorted(set(layers or feature_layers))),
         path,
-        parse_choice(FewShotFusion, fusion, "few_shot_fusion"),
+        parse_choice(FewShotFusion, fusion, "few_shot.fusion"),
     )
 
 
@@ -257,6 +257,6 @@ def choose_references(paths: Sequence[str | Path], k_shot: int, seed: int, sourc
     if len(ordered) < k_shot:
         raise ValueError(
             f"k_shot={k_shot} needs {k_shot} normal reference images, but {source} holds {len(ordered)}. "
-            "Lower --model.k_shot or point --model.few_shot_source at a folder with more normal images."
+            "Lower --model.k_shot or point --model.few_shot.source at a folder with more normal images."
         )
     return sorted(random.Random(seed).sample(ordered, k_shot))

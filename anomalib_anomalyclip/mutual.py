@@ -385,6 +385,3 @@ def _check_tokens(tokens_per_block: Sequence[torch.Tensor], grid: tuple[int, int
     count, length = shapes.pop()
     _check_grid(length, grid)
     return count
-
-
-MutualScoringConfig = MutualScoring  # the name before the model's arguments became groups

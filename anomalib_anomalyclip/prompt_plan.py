@@ -49,22 +49,22 @@ def plan_prompts(
 ) -> PromptPlan:
     """Decide where the prompts of a run come from.
 
-    * Prompts are learned in ``fit`` when asked (``train_prompts=True``), or when none are given and
-      ``train_prompts`` is left open; never with ``k_shot`` (a few-shot model fits references, not prompts).
+    * Prompts are learned in ``fit`` when asked (``training.learn=True``), or when none are given and
+      ``training.learn`` is left open; never with ``k_shot`` (a few-shot model fits references, not prompts).
     * When none are given and none can be learned (the fit data holds normal images only, as every anomalib
       datamodule's train split, or the run does not fit), the authors' released prompts trained on the *other*
       dataset are used (:func:`released_prompts_for`).
 
     Args:
         prompt_weights: the ``prompt_weights`` argument of the model.
-        train_prompts: the ``train_prompts`` argument (``None``: learn when no prompts are given).
+        train_prompts: ``training.learn`` (``None``: learn when no prompts are given).
         k_shot: the number of few-shot references (0: zero-shot).
         ready: the model holds usable prompts already (given, learned, or from a checkpoint).
         fitting: the run is a ``fit`` (at set-up, before the first step).
         datamodule: the run's datamodule, if any.
 
     Raises:
-        ValueError: prompts must be learned (``train_prompts=True``) but the fit data holds normal images only.
+        ValueError: prompts must be learned (``training.learn=True``) but the fit data holds normal images only.
     """
     chosen_by_data = prompt_weights is None and not train_prompts
     wants_to_learn = not k_shot and (prompt_weights is None if train_prompts is None else bool(train_prompts))

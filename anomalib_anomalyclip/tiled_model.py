@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from anomalib.data import InferenceBatch
 
+from .config import Tiling
 from .few_shot import FewShotScorer, score_leaving_out
 from .pre_processor import AnomalyCLIPPreProcessor
-from .config import Tiling
 from .tiling import (
     TilingConfig,
     TilingError,
@@ -166,7 +166,7 @@ def check_tiled_training(tiling: TilingConfig | None) -> None:
     if tiling is not None:
         raise TilingError(
             "Tiling is for scoring: prompts are learned on whole images at the model's input size. Learn the prompts "
-            "without tiling (anomalib fit), then test or predict with the checkpoint and --model.tile_size."
+            "without tiling (anomalib fit), then test or predict with the checkpoint and --model.tiling true."
         )
 
 
@@ -182,6 +182,6 @@ def check_tiled_export(tiling: TilingConfig | None, input_size: Sequence[int] | 
         raise TilingError(
             "This tiled model works at each image's own size, but an exported graph needs a fixed number of tiles. "
             "Export with --input_size H W (the size of your images), or build the model with "
-            "--model.tile_working_size H W (the graph then resizes any image to it)."
+            "--model.tiling.working_size [H, W] (the graph then resizes any image to it)."
         )
     return replace(tiling, working_size=pair(tuple(input_size), "input_size"))

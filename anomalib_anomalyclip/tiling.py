@@ -2,20 +2,20 @@
 
 Without tiling AnomalyCLIP squeezes every image to its input size (518 px): one 14 px patch then covers about
 40 x 40 px of a 1500 x 1000 px board, and a defect of a few pixels vanishes inside one patch. A tiled model works at
-a *working resolution* (each image's own size, or a size given with ``tile_working_size``) and scores an image
+a *working resolution* (each image's own size, or a size given with ``tiling.working_size``) and scores an image
 (B, 3, H, W) at that resolution in these steps:
 
 1. **tiles**: the image is cut into tiles of the model's input size ``t`` every ``stride`` pixels; where the stride
    does not reach the far edge, the last tile of a row (column) is placed flush with it, so that every tile is a
    crop of the image and nothing is padded;
-2. **global view**: unless ``tile_fusion`` is ``tiles``, the whole image resized to ``t x t`` (antialiased bicubic,
+2. **global view**: unless ``tiling.fusion`` is ``tiles``, the whole image resized to ``t x t`` (antialiased bicubic,
    written as two matrix products so that exported graphs compute it the same way);
 3. the tiles and global views of the whole batch go through the dual-path encoder **in one call**;
 4. per view, the zero-shot map (the layer maps summed, up-sampled from the patch grid) and, with a few-shot bank,
    the nearest-neighbour distance map. The tiles' maps are put back at their places and **averaged where tiles
    overlap** (with ``remove_border_count = r``, the ``r`` pixels along tile borders that are not image borders do
    not count, as anomalib's untile drops them); the global view's maps are up-sampled to H x W;
-5. tiles and global view are fused by ``tile_fusion`` (``s_t``: the zero-shot image score of tile ``t`` from its
+5. tiles and global view are fused by ``tiling.fusion`` (``s_t``: the zero-shot image score of tile ``t`` from its
    global embedding, ``s_g`` that of the global view; ``M``: a map, zero-shot and few-shot alike):
 
    .. code-block:: text
@@ -31,9 +31,9 @@ With ``k_shot`` references the bank holds the patch tokens of every view of ever
 same tiling), so ``k`` normal images cover every region of the product; its size is logged
 (:meth:`~anomalib_anomalyclip.torch_model.AnomalyCLIPModel.describe_bank`).
 
-Tiling is switched on by the model's arguments (``tile_size``, ``tile_stride``, ``tile_working_size``,
-``tile_fusion``) or by anomalib's ``TilerConfigurationCallback``, which sets the torch model's ``tiler`` as it does
-for PatchCore (its tile size and stride are used; ``mode`` is not needed, since no tile is padded). Either way the
+Tiling is switched on by the model's ``tiling`` group (``--model.tiling true``, or its fields ``tile_size``,
+``stride``, ``working_size``, ``fusion``) or by anomalib's ``TilerConfigurationCallback``, which sets the torch
+model's ``tiler`` as it does for PatchCore (its tile size and stride are used; ``mode`` is not needed, since no tile is padded). Either way the
 pre-processor then resizes to the working resolution (or not at all) instead of the input size.
 """
 
@@ -182,7 +182,7 @@ def tiling_config(
     tile = pair(tile_size, "tiling.tile_size")
     if tile != (input_size, input_size):
         raise TilingError(
-            f"tile_size {tile[0]}x{tile[1]} differs from the model's input size {input_size}: every tile is one "
+            f"tiling.tile_size {tile[0]}x{tile[1]} differs from the model's input size {input_size}: every tile is one "
             f"input of the CLIP encoder. Use tile_size {input_size} (and choose the working resolution with "
             "--model.tiling.working_size), or change --model.image_size."
         )

@@ -29,7 +29,7 @@ from .dpam import DpamKind, DualPathVisualEncoder, Tap, TokenPath, check_layers
 from .errors import parse_choice
 from .few_shot import FewShotFusion, FewShotScorer, FewShotSettings, few_shot_settings, score_leaving_out
 from .inference_model import AnomalyCLIPInferenceModel, score_features, score_images
-from .mutual import MutualFusion, MutualScoring, MutualScoringError, fuse_with_prompts
+from .mutual import MutualScoring, MutualScoringError, fuse_with_prompts
 from .mutual import score_pool as score_mutually
 from .prompts import AGNOSTIC_OBJECT, PromptConfig, PromptLearner, PromptTextEncoder, PromptType, save_prompts
 from .scoring import GaussianSmoothing, patch_probability_maps, similarity_logits
@@ -187,7 +187,9 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
         if config.k_shot:
             few_shot = config.few_shot
             layers = few_shot.layers
-            model.use_few_shot(few_shot_settings(config.k_shot, layers, few_shot.tokens, few_shot.fusion, model.feature_layers))
+            model.use_few_shot(
+                few_shot_settings(config.k_shot, layers, few_shot.tokens, few_shot.fusion, model.feature_layers)
+            )
         if config.mutual is not None:
             model.use_mutual_scoring(config.mutual)
         model.configure_tiling(config.tiling)
@@ -422,7 +424,7 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
 
     def new_few_shot_scorer(self, taps: Sequence[Tap], fusion: FewShotFusion | str) -> FewShotScorer:
         """An empty few-shot bank reading ``taps`` of this model's encoder (``remember`` fills it)."""
-        check_layers([layer for layer, _ in taps], self.visual_encoder.depth, "few_shot_layers")
+        check_layers([layer for layer, _ in taps], self.visual_encoder.depth, "few_shot.layers")
         return FewShotScorer(taps, fusion, self.visual_encoder.output_dim).to(self.text_features.device)
 
     def save_prompts(self, path: str | Path) -> Path:

@@ -62,14 +62,14 @@ class MutualCost:
 
 def measure_pool(backbone: str, image_size: int, pool: int, encoded: int = 2, blocks: Sequence[int] = ()) -> MutualCost:
     """Time the encoder on ``encoded`` images and mutual scoring on a pool of ``pool`` images (see the module)."""
-    from anomalib_anomalyclip.mutual import MutualScoringConfig
+    from anomalib_anomalyclip.mutual import MutualScoring
     from anomalib_anomalyclip.torch_model import AnomalyCLIPModel, PoolMember
 
     torch.manual_seed(MODEL_SEED)
     model = AnomalyCLIPModel(backbone=backbone, pretrained=None, image_size=image_size).eval()
     depth = model.visual_encoder.depth
     blocks = tuple(blocks) or tuple(depth * quarter // 4 for quarter in range(1, 5))  # 6, 12, 18, 24 on ViT-L
-    config = MutualScoringConfig(blocks=blocks, rscin_k=(1, 2, 3), pool_size=max(pool, 200))  # the pool is one subset
+    config = MutualScoring(blocks=blocks, rscin_k=(1, 2, 3), pool_size=max(pool, 200))  # the pool is one subset
     model.use_mutual_scoring(config)
     images = torch.randn(encoded + 1, 1, 3, image_size, image_size)
     member = model.encode_pool_member(images[0])  # warm-up

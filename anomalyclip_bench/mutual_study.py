@@ -13,7 +13,7 @@ The study (run by ``benchmarks/mutual.py``, asserted by ``tests/test_mutual_scor
 3. runs anomalib's ``Engine.test`` on each category (``MVTecAD`` over the generated folder, the user's path) once per
    setting of :data:`SETTINGS` and ``k_shot``: the prompts alone, the mutual score and map alone, and the two fused
    (each with and without RsCIN), and keeps image and pixel AUROC;
-4. :func:`pool_size_rows` runs the fused and mutual settings again with ``mutual_pool_size`` below the pool's size
+4. :func:`pool_size_rows` runs the fused and mutual settings again with ``mutual.pool_size`` below the pool's size
    (the pool is then split into reproducible subsets, each scored on its own).
 
 The CLIP is tiny and random and the data are painted textures: the numbers compare settings on the same images,
@@ -32,7 +32,7 @@ from anomalib.engine import Engine
 from anomalib.metrics import AUROC, Evaluator
 
 from anomalib_anomalyclip.lightning_model import AnomalyCLIP
-from anomalib_anomalyclip.mutual import MutualScoringConfig, minimum_pool, split_pool
+from anomalib_anomalyclip.mutual import MutualScoring, minimum_pool, split_pool
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 from .few_shot_study import TARGET_KINDS, Row, StudyConfig, generate_auxiliary, mean_by_setting, train_prompts
@@ -50,14 +50,15 @@ __all__ = [
 ]
 
 RSCIN_K = (1, 2, 3)
-SETTINGS: dict[str, dict[str, Any]] = {
-    "prompts": {"mutual_scoring": False},
-    "mutual": {"mutual_scoring": True, "mutual_fusion": "mutual", "rscin_k": None},
-    "mutual_rscin": {"mutual_scoring": True, "mutual_fusion": "mutual", "rscin_k": RSCIN_K},
-    "fused": {"mutual_scoring": True, "mutual_fusion": "mean", "rscin_k": None},
-    "fused_rscin": {"mutual_scoring": True, "mutual_fusion": "mean", "rscin_k": RSCIN_K},
+SETTINGS: dict[str, dict[str, Any] | None] = {
+    "prompts": None,
+    "mutual": {"fusion": "mutual", "rscin_k": None},
+    "mutual_rscin": {"fusion": "mutual", "rscin_k": RSCIN_K},
+    "fused": {"fusion": "mean", "rscin_k": None},
+    "fused_rscin": {"fusion": "mean", "rscin_k": RSCIN_K},
 }
-"""Model arguments of each row of the study (``prompts``: zero-shot with ``k_shot = 0``, few-shot with the bank)."""
+"""The ``mutual`` group of each row of the study (``prompts``: off; zero-shot with ``k_shot = 0``, few-shot with the
+bank)."""
 
 SETTING_TITLES = {
     "prompts": "prompts alone (AnomalyCLIP)",
@@ -101,7 +102,7 @@ class MutualStudyConfig:
         splits: names from :data:`SPLITS`.
         n_train_good: normal train images per target category (the few-shot references come from them).
         mutual_blocks: visual blocks compared by mutual scoring.
-        pool_sizes: ``mutual_pool_size`` values of the pool-size study.
+        pool_sizes: ``mutual.pool_size`` values of the pool-size study.
     """
 
     image_size: int = 112
@@ -155,7 +156,7 @@ def evaluate_split(
         for category, kind in config.categories.items():
             for k_shot in config.shots:
                 for setting in config.settings:
-                    arguments = {**SETTINGS[setting], "k_shot": k_shot}
+                    arguments = {"mutual": SETTINGS[setting], "k_shot": k_shot}
                     image, pixel = models.test(root, category, prompts[seed], arguments)
                     rows.append(Row(category, kind, k_shot, setting, image, pixel, seed=seed, split=split))
     return rows
@@ -175,7 +176,7 @@ def pool_size_rows(
         for category, kind in config.categories.items():
             for setting in ("mutual", "fused"):
                 for size in config.pool_sizes:
-                    arguments = {**SETTINGS[setting], "mutual_pool_size": size}
+                    arguments = {"mutual": {**SETTINGS[setting], "pool_size": size}}
                     image, pixel = models.test(root, category, prompts[seed], arguments)
                     rows.append(Row(category, kind, 0, f"{setting}@{size}", image, pixel, seed=seed, split="varied"))
     return rows
@@ -210,16 +211,18 @@ class StudyModels:
 
     def model(self, prompts: Path, arguments: Mapping[str, Any]) -> AnomalyCLIP:
         """The model with ``prompts`` and ``arguments`` (built on first use)."""
-        key = (str(prompts), *sorted(arguments.items()))
+        key = (str(prompts), repr(sorted(arguments.items())))
         if key not in self._models:
+            mutual = arguments.get("mutual")
+            blocks = tuple(self.config.mutual_blocks)
             self._models[key] = AnomalyCLIP(
                 pretrained=str(self.clip_path),
                 image_size=self.config.image_size,
                 prompt_weights=str(prompts),
-                mutual_blocks=tuple(self.config.mutual_blocks),
+                k_shot=arguments.get("k_shot", 0),
+                mutual=False if mutual is None else {**mutual, "blocks": blocks},
                 evaluator=_auroc_evaluator(),
                 visualizer=False,
-                **arguments,
             )
         return self._models[key]
 
@@ -247,11 +250,11 @@ def markdown_table(rows: Sequence[Row], settings: Sequence[str] = tuple(SETTINGS
 
 
 def pool_size_table(rows: Sequence[Row], whole: Sequence[Row], pool: int) -> str:
-    """Mean image / pixel AUROC (percent) of the mutual and fused settings per ``mutual_pool_size``."""
+    """Mean image / pixel AUROC (percent) of the mutual and fused settings per ``mutual.pool_size``."""
     sizes = sorted({int(row.fusion.split("@")[1]) for row in rows}, reverse=True)
     renamed = [_renamed(row, f"{row.fusion}@{pool}") for row in whole if row.k_shot == 0]
     means = mean_by_setting([*rows, *renamed])
-    lines = [f"| mutual_pool_size | subsets of a pool of {pool} | mutual alone | fused |", "|---|---|---|---|"]
+    lines = [f"| mutual.pool_size | subsets of a pool of {pool} | mutual alone | fused |", "|---|---|---|---|"]
     for size in [pool, *sizes]:
         subsets = "whole pool" if size >= pool else f"{_subset_count(pool, size)} subsets"
         cells = [_percent(means[(0, f"{setting}@{size}")]) for setting in ("mutual", "fused")]
@@ -282,4 +285,4 @@ def _renamed(row: Row, fusion: str) -> Row:
 
 
 def _subset_count(pool: int, size: int) -> int:
-    return len(split_pool(pool, size, 0, minimum_pool(MutualScoringConfig.fraction)))
+    return len(split_pool(pool, size, 0, minimum_pool(MutualScoring.fraction)))

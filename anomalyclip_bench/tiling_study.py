@@ -6,8 +6,8 @@ The study (run by ``benchmarks/tiling.py`` and asserted by the tests):
    (1536 px) whose defective images carry a few dark or bright spots and scratches of 4-16 px
    (:mod:`anomalib_anomalyclip.testing.small_defects`);
 2. scores each category's test split with the same prompts and CLIP three ways: **untiled** (the image resized to
-   the input size), **tiles** (tiles of the input size at the working resolution, ``tile_fusion="tiles"``) and
-   **tiles + global** (``tile_fusion="mean"``), zero-shot and with ``k`` normal references (the bank then holds the
+   the input size), **tiles** (tiles of the input size at the working resolution, ``tiling.fusion="tiles"``) and
+   **tiles + global** (``tiling.fusion="mean"``), zero-shot and with ``k`` normal references (the bank then holds the
    references' tokens of the same views);
 3. reports image AUROC and pixel AUROC; every map is compared with the masks at ``eval_size`` (maps resized
    bilinearly, masks as the reference resizes them), so that untiled and tiled maps meet the same ground truth.
@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
+from anomalib_anomalyclip.config import Tiling
 from anomalib_anomalyclip.lightning_model import AnomalyCLIP
 from anomalib_anomalyclip.pre_processor import clip_pre_processor, resize_mask_like_pil
 from anomalib_anomalyclip.testing.small_defects import SMALL_DEFECT_KINDS, SPLITS, small_defect_split
-from anomalib_anomalyclip.tiling import TilingConfig, tile_settings, tiling_config
+from anomalib_anomalyclip.tiling import TilingConfig, tiling_config
 
 __all__ = [
     "SETTINGS",
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 SETTINGS = {"untiled": None, "tiles": "tiles", "tiles + global": "mean"}
-"""Study setting -> ``tile_fusion`` (``None``: untiled)."""
+"""Study setting -> ``tiling.fusion`` (``None``: untiled)."""
 PIXEL_STEP = 4
 
 
@@ -85,7 +86,7 @@ class TilingStudyConfig:
 
     def tiling(self, fusion: str) -> TilingConfig:
         """The tiling of a tiled setting."""
-        settings = tile_settings(self.working_size, fusion)
+        settings = Tiling(working_size=self.working_size, fusion=fusion)
         return tiling_config(self.input_size, self.stride, self.input_size, settings)
 
 
@@ -244,7 +245,7 @@ def tiled_arguments(input_size: int, tiles: int) -> dict[str, object]:
     side = round(tiles**0.5)
     if side * side != tiles:
         raise ValueError(f"A tiled benchmark flavour takes a square number of tiles, got {tiles}.")
-    return {"tile_size": input_size, "tile_stride": input_size, "tile_working_size": side * input_size}
+    return {"tiling": Tiling(working_size=side * input_size)}
 
 
 def tiled_cost_lines(rows: Sequence[dict], tiles_of: dict[str, int], baseline: str) -> str:

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from anomalib_anomalyclip.mutual import MutualScoringConfig, mutual_patch_scores, score_pool, upsample_maps
+from anomalib_anomalyclip.mutual import MutualScoring, mutual_patch_scores, score_pool, upsample_maps
 
 
 def _synchronise(device: torch.device) -> None:
@@ -57,12 +57,12 @@ def main() -> None:
     print(f"N={args.images} images, L={length} tokens, C={args.channels}, {args.blocks} blocks x radii {args.radii}")
     print(f"device {device}, {torch.get_num_threads()} CPU threads")
     if args.full:
-        config = MutualScoringConfig(blocks=blocks, radii=tuple(args.radii), rscin_k=None)
+        config = MutualScoring(blocks=blocks, radii=tuple(args.radii), rscin_k=None)
         seconds = _timed(lambda: score_pool(tokens, grid, size, config), device)
         print(f"score_pool: {seconds:.1f} s")
     else:
         radius = args.radii[len(args.radii) // 2]
-        config = MutualScoringConfig(blocks=(0,), radii=(radius,), rscin_k=None)
+        config = MutualScoring(blocks=(0,), radii=(radius,), rscin_k=None)
         holder: dict[str, torch.Tensor] = {}
         pair_seconds = _timed(lambda: holder.update(scores=mutual_patch_scores(tokens[:1], grid, config)), device)
         upsample_seconds = _timed(lambda: upsample_maps(holder["scores"], size).flatten(1).amax(1), device)

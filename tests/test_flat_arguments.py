@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_cli_end_to_end import anomalib_cli
 
 from anomalib_anomalyclip.cli_arguments import upgrade_command_line
 from anomalib_anomalyclip.config import AnomalyCLIPConfig, MutualScoring, Tiling, upgrade
-
-from test_cli_end_to_end import anomalib_cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "flat_arguments"
 RUNS = ("zero_shot", "four_shot", "tiled_four_shot", "mutual")

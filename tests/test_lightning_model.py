@@ -164,5 +164,5 @@ def test_the_cli_rejects_a_bad_choice_listing_the_valid_ones(
 def test_python_callers_get_the_valid_choices_too(tiny_clip_path: Path) -> None:
     from anomalib_anomalyclip.errors import ChoiceError
 
-    with pytest.raises(ChoiceError, match=r"dpam_kind must be one of 'vv', 'qq', 'kk', 'none', got 'xx'"):
+    with pytest.raises(ChoiceError, match=r"dpam.kind must be one of 'vv', 'qq', 'kk', 'none', got 'xx'"):
         _model(tiny_clip_path, dpam_kind="xx")

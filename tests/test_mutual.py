@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from anomalib_anomalyclip.mutual import (
-    MutualScoringConfig,
+    MutualScoring,
     lnamd,
     minimum_pool,
     mutual_patch_scores,
@@ -71,7 +71,7 @@ def naive_rscin(scores: torch.Tensor, embeddings: torch.Tensor, ks: tuple[int, .
     return torch.stack(results).mean(dim=0)
 
 
-def naive_maps(tokens_per_block: list[torch.Tensor], config: MutualScoringConfig) -> torch.Tensor:
+def naive_maps(tokens_per_block: list[torch.Tensor], config: MutualScoring) -> torch.Tensor:
     patch = torch.stack(
         [
             naive_msm(naive_lnamd(tokens, GRID, radius), config.fraction)
@@ -83,7 +83,7 @@ def naive_maps(tokens_per_block: list[torch.Tensor], config: MutualScoringConfig
 
 
 def naive_pool(
-    tokens_per_block: list[torch.Tensor], config: MutualScoringConfig, embeddings: torch.Tensor | None = None
+    tokens_per_block: list[torch.Tensor], config: MutualScoring, embeddings: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     count = tokens_per_block[0].shape[0]
     maps = torch.zeros(count, 1, *IMAGE_SIZE, dtype=torch.float64)
@@ -108,7 +108,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float 
 
 @pytest.mark.parametrize("count", [7, 5])
 def test_pool_matches_the_naive_definition(count: int) -> None:
-    config = MutualScoringConfig(blocks=(6, 12), rscin_k=None)
+    config = MutualScoring(blocks=(6, 12), rscin_k=None)
     tokens = random_tokens(count)
     scores, maps = score_pool(tokens, GRID, IMAGE_SIZE, config)
     expected_scores, expected_maps = naive_pool(tokens, config)
@@ -124,7 +124,7 @@ def test_lnamd_matches_the_naive_definition_for_each_radius() -> None:
 
 
 def test_subsets_are_each_scored_like_a_pool_of_their_own_and_rscin_runs_over_all() -> None:
-    config = MutualScoringConfig(blocks=(6, 12), radii=(1, 3), pool_size=6, rscin_k=(1, 2, 3), seed=3)
+    config = MutualScoring(blocks=(6, 12), radii=(1, 3), pool_size=6, rscin_k=(1, 2, 3), seed=3)
     tokens = random_tokens(13, seed=1)
     embeddings = torch.randn(13, 8, generator=torch.Generator().manual_seed(2))
     assert len(split_pool(13, 6, 3, 5)) == 2  # 13 > 6 images: two subsets of 7 and 6
@@ -135,15 +135,15 @@ def test_subsets_are_each_scored_like_a_pool_of_their_own_and_rscin_runs_over_al
 
 
 def test_rscin_with_k_one_keeps_the_normalised_scores() -> None:
-    config = MutualScoringConfig(blocks=(6,), radii=(1,), rscin_k=(1,))
+    config = MutualScoring(blocks=(6,), radii=(1,), rscin_k=(1,))
     tokens = random_tokens(6, blocks=1)
-    raw, _ = score_pool(tokens, GRID, IMAGE_SIZE, MutualScoringConfig(blocks=(6,), radii=(1,), rscin_k=None))
+    raw, _ = score_pool(tokens, GRID, IMAGE_SIZE, MutualScoring(blocks=(6,), radii=(1,), rscin_k=None))
     rescored, _ = score_pool(tokens, GRID, IMAGE_SIZE, config, class_embeddings=torch.randn(6, 4))
     assert_close(rescored, (raw - raw.min()) / (raw.max() - raw.min()))
 
 
 def test_float16_tokens_are_scored_in_float32() -> None:
-    config = MutualScoringConfig(blocks=(6, 12), rscin_k=None)
+    config = MutualScoring(blocks=(6, 12), rscin_k=None)
     tokens = random_tokens(6)
     stored = [block.half() for block in tokens]
     scores, maps = score_pool(stored, GRID, IMAGE_SIZE, config)
@@ -156,7 +156,7 @@ def test_float16_tokens_are_scored_in_float32() -> None:
 
 
 def test_result_does_not_depend_on_the_chunk_size() -> None:
-    config = MutualScoringConfig(blocks=(6, 12), rscin_k=None)
+    config = MutualScoring(blocks=(6, 12), rscin_k=None)
     tokens = random_tokens(9, seed=4)
     _, one_image_per_product = score_pool(tokens, GRID, IMAGE_SIZE, config, chunk_tokens=1)
     _, all_images_per_product = score_pool(tokens, GRID, IMAGE_SIZE, config, chunk_tokens=10_000)
@@ -170,7 +170,7 @@ def test_a_planted_outlier_patch_is_the_pool_maximum() -> None:
     tokens = base + 0.1 * torch.randn(count, length, CHANNELS, generator=generator)
     image, row, column = 3, 2, 4
     tokens[image, row * 6 + column] = 4 * torch.randn(CHANNELS, generator=generator)
-    config = MutualScoringConfig(blocks=(6,), rscin_k=None)
+    config = MutualScoring(blocks=(6,), rscin_k=None)
     _, maps = score_pool([tokens], grid, (51, 51), config)  # grid point (r, c) falls on pixel (10 r, 10 c)
     assert maps[image, 0, 10 * row, 10 * column] == maps.max()
     assert (maps[image] == maps.max()).sum() == 1
@@ -187,7 +187,7 @@ def test_split_is_a_reproducible_balanced_partition() -> None:
 
 
 def test_minimum_pool_follows_the_fraction() -> None:
-    assert MutualScoringConfig().min_pool == 5
+    assert MutualScoring().min_pool == 5
     assert minimum_pool(1.0) == 2 and minimum_pool(0.5) == 3 and minimum_pool(0.1) == 11
     for fraction in (0.3, 0.25, 0.2, 0.7, 0.05):
         smallest = minimum_pool(fraction)
@@ -195,7 +195,7 @@ def test_minimum_pool_follows_the_fraction() -> None:
 
 
 def test_a_pool_below_the_minimum_is_refused_with_its_size() -> None:
-    config = MutualScoringConfig(blocks=(6,))
+    config = MutualScoring(blocks=(6,))
     with pytest.raises(ValueError, match=r"at least 5 images at fraction=0.3.*pool of 4"):
         score_pool(random_tokens(4, blocks=1), GRID, IMAGE_SIZE, config)
     with pytest.raises(ValueError, match=r"at least 5 images.*pool of 4"):
@@ -217,11 +217,11 @@ def test_a_pool_below_the_minimum_is_refused_with_its_size() -> None:
 )
 def test_bad_settings_are_refused_with_a_clear_message(arguments: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        MutualScoringConfig(**arguments)
+        MutualScoring(**arguments)
 
 
 def test_tokens_that_do_not_fit_the_settings_are_refused() -> None:
-    config = MutualScoringConfig(blocks=(6, 12))
+    config = MutualScoring(blocks=(6, 12))
     with pytest.raises(ValueError, match=r"1 block\(s\) for the 2 configured blocks"):
         score_pool(random_tokens(6, blocks=1), GRID, IMAGE_SIZE, config)
     with pytest.raises(ValueError, match=r"4 x 4 token grid holds 16 tokens, got 25"):
@@ -232,7 +232,7 @@ def test_tokens_that_do_not_fit_the_settings_are_refused() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_tokens_score_like_cpu_tokens() -> None:
-    config = MutualScoringConfig(blocks=(6, 12), rscin_k=(1, 2))
+    config = MutualScoring(blocks=(6, 12), rscin_k=(1, 2))
     tokens, embeddings = random_tokens(7), torch.randn(7, 8)
     scores, maps = score_pool(tokens, GRID, IMAGE_SIZE, config, class_embeddings=embeddings)
     cuda_scores, cuda_maps = score_pool(

@@ -21,7 +21,7 @@ from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 pytestmark = pytest.mark.slow
 
 IMAGE_SIZE = "56"
-MUTUAL = ["--model.mutual_scoring", "true"]
+MUTUAL = ["--model.mutual", "true"]
 
 
 @pytest.fixture(scope="module")
@@ -172,20 +172,20 @@ def test_the_parser_lists_the_fusions(tiny_clip_path: Path, capsys: pytest.Captu
     from anomalib.cli import AnomalibCLI
 
     with pytest.raises(SystemExit):
-        AnomalibCLI(["test", "--model", "AnomalyCLIP", "--model.mutual_fusion", "xx", "--print_config"])
+        AnomalibCLI(["test", "--model", "AnomalyCLIP", "--model.mutual.fusion", "xx", "--print_config"])
     error = capsys.readouterr().err
-    assert "mutual_fusion" in error and "'mean'" in error and "'mutual'" in error
+    assert "fusion" in error and "'mean'" in error and "'mutual'" in error
 
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"mutual_fraction": 0.0}, r"mutual_fraction must lie in \(0, 1\], got 0.0"),
-        ({"mutual_fraction": 1.5}, r"mutual_fraction must lie in \(0, 1\], got 1.5"),
-        ({"mutual_radii": [1, 2]}, r"radii \(mutual_radii\) must be odd positive integers .* got 2"),
-        ({"mutual_radii": [-3]}, r"odd positive integers .* got -3"),
-        ({"mutual_blocks": [6, 30]}, r"mutual_blocks \[30\] outside the visual transformer's blocks 1..24"),
-        ({"mutual_pool_size": 3}, r"mutual_pool_size=3 is below .* 5 images"),
+        ({"fraction": 0.0}, r"mutual.fraction must lie in \(0, 1\], got 0.0"),
+        ({"fraction": 1.5}, r"mutual.fraction must lie in \(0, 1\], got 1.5"),
+        ({"radii": [1, 2]}, r"radii \(mutual.radii\) must be odd positive integers .* got 2"),
+        ({"radii": [-3]}, r"odd positive integers .* got -3"),
+        ({"blocks": [6, 30]}, r"mutual.blocks \[30\] outside the visual transformer's blocks 1..24"),
+        ({"pool_size": 3}, r"mutual.pool_size=3 is below .* 5 images"),
     ],
     ids=["fraction-0", "fraction-1.5", "even-radius", "negative-radius", "missing-block", "pool-size-3"],
 )
@@ -194,12 +194,12 @@ def test_bad_settings_fail_at_construction_with_a_clear_message(
 ) -> None:
     with pytest.raises(AnomalyCLIPError, match=message), caplog.at_level(logging.ERROR):
         AnomalyCLIP(pretrained=str(tiny_clip_path), image_size=56, prompt_weights=str(tiny_prompt_path),
-                    mutual_scoring=True, **arguments)  # fmt: skip
+                    mutual=arguments)  # fmt: skip
     assert "mutual" in caplog.text or "LNAMD" in caplog.text  # logged plainly for anomalib's command line
 
 
 def test_export_is_refused_with_what_to_do(tiny_clip_path: Path, tiny_prompt_path: Path, tmp_path: Path) -> None:
     model = AnomalyCLIP(pretrained=str(tiny_clip_path), image_size=56, prompt_weights=str(tiny_prompt_path),
-                        mutual_scoring=True)  # fmt: skip
-    with pytest.raises(ExportUnavailableError, match=r"--model\.mutual_scoring false"):
+                        mutual=True)  # fmt: skip
+    with pytest.raises(ExportUnavailableError, match=r"--model\.mutual false"):
         model.to_torch(tmp_path)

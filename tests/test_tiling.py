@@ -17,6 +17,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
 from anomalib_anomalyclip import AnomalyCLIP
+from anomalib_anomalyclip.config import Tiling
 from anomalib_anomalyclip.errors import AnomalyCLIPError
 from anomalib_anomalyclip.pre_processor import AnomalyCLIPPreProcessor, clip_pre_processor
 from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
@@ -26,13 +27,12 @@ from anomalib_anomalyclip.tiling import (
     TilingError,
     cut_views,
     join_tiles,
-    tile_settings,
     tiling_config,
 )
 
 SIZE = 56
 WORKING = (140, 168)  # 3 x 4 tiles at stride 42 (flush last tiles), 12 tiles in all
-TILED = {"tile_size": SIZE, "tile_stride": 42, "tile_working_size": list(WORKING)}
+TILED = {"tiling": Tiling(tile_size=SIZE, stride=42, working_size=WORKING)}
 
 
 def _model(clip: Path, prompts: Path, **kwargs) -> AnomalyCLIP:
@@ -54,7 +54,7 @@ def images() -> torch.Tensor:
 
 
 def _config(fusion: str = "tiles", working: tuple[int, int] = WORKING, stride: int = 42, border: int = 0):
-    return tiling_config(SIZE, stride, SIZE, tile_settings(working, fusion), border)
+    return tiling_config(SIZE, stride, SIZE, Tiling(working_size=working, fusion=fusion), border)
 
 
 def test_tiles_are_crops_that_join_back_as_anomalibs_untile_does() -> None:
@@ -77,10 +77,10 @@ def test_tiles_are_crops_that_join_back_as_anomalibs_untile_does() -> None:
     ("arguments", "message"),
     [
         ({"tile_size": 64}, "tile_size 64x64 differs from the model's input size 56"),
-        ({"tile_size": SIZE, "tile_stride": 70}, "stride 70x70 is larger than the tile"),
-        ({"tile_size": SIZE, "tile_working_size": [48, 300]}, "working resolution 48x300 is smaller than a tile"),
-        ({"tile_size": SIZE, "tile_fusion": "median"}, "tile_fusion must be one of"),
-        ({"tile_size": SIZE, "mutual_scoring": True, "mutual_blocks": [3, 6]}, "Tiling and mutual scoring do not"),
+        ({"tiling": {"stride": 70}}, "stride 70x70 is larger than the tile"),
+        ({"tiling": {"working_size": [48, 300]}}, "working resolution 48x300 is smaller than a tile"),
+        ({"tiling": {"fusion": "median"}}, "tiling.fusion must be one of"),
+        ({"tiling": True, "mutual": {"blocks": [3, 6]}}, "Tiling and mutual scoring do not"),
     ],
 )
 def test_bad_tiling_is_refused_at_construction(
@@ -95,8 +95,8 @@ def test_anomalibs_tiler_callback_sets_the_tiling_of_the_model_arguments(
     clip_path: Path, tiny_prompt_path: Path, images: torch.Tensor
 ) -> None:
     by_arguments = _model(clip_path, tiny_prompt_path, **TILED)
-    by_callback = _model(clip_path, tiny_prompt_path, tile_working_size=list(WORKING))
-    assert by_callback.model.tiler is None and by_callback.pre_processor.image_size == [SIZE, SIZE]
+    by_callback = _model(clip_path, tiny_prompt_path, tiling={"working_size": list(WORKING)})
+    assert by_callback.model.tiling.stride == (SIZE, SIZE)  # the group alone: tiles of the input size, no overlap
     TilerConfigurationCallback(enable=True, tile_size=SIZE, stride=42).setup(None, by_callback)
     assert by_callback.model.tiling == by_arguments.model.tiling
     assert isinstance(by_callback.model.tiler, Tiler) and by_callback.model.tiler.stride_h == 42
@@ -170,7 +170,7 @@ def test_training_and_untiled_exports_of_own_size_tiling_are_refused(clip_path: 
         check_tiled_export(tiling, None)
     assert check_tiled_export(tiling, (1536, 2048)).working_size == (1536, 2048)
     # A model learning prompts refuses tiling when the fit starts.
-    model = AnomalyCLIP(pretrained=str(clip_path), image_size=SIZE, tile_size=SIZE, visualizer=False)
+    model = AnomalyCLIP(pretrained=str(clip_path), image_size=SIZE, tiling=True, visualizer=False)
     with pytest.raises(TilingError):
         model.setup(TrainerFn.FITTING)
 

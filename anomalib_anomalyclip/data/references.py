@@ -58,7 +58,7 @@ def datamodule_references(datamodule: object) -> ReferenceSource:
     if samples is None or "image_path" not in getattr(samples, "columns", ()):
         raise ValueError(
             f"{name} has no train split with image paths to take few-shot references from. "
-            "Give a folder of normal images with --model.few_shot_source."
+            "Give a folder of normal images with --model.few_shot.source."
         )
     if "label_index" in samples.columns:
         samples = samples[samples["label_index"] == 0]
@@ -70,7 +70,7 @@ def reference_source(folder: str | Path | None, datamodule: object | None, k_sho
     """Where ``k_shot`` references come from: ``folder`` if given, else the datamodule's train split, else none.
 
     Args:
-        folder: the ``few_shot_source`` argument.
+        folder: the ``few_shot.source`` argument.
         datamodule: the run's datamodule, if any.
         k_shot: the number of references (for messages).
     """
@@ -85,7 +85,7 @@ def missing_references(k_shot: int) -> ValueError:
     """The error for a few-shot model with neither references nor a source of them."""
     return ValueError(
         f"k_shot={k_shot} needs normal reference images, but there is no datamodule with a train split. Give a "
-        "folder of normal images with --model.few_shot_source, or --ckpt_path a checkpoint of a few-shot run (it "
+        "folder of normal images with --model.few_shot.source, or --ckpt_path a checkpoint of a few-shot run (it "
         "holds the references)."
     )
 

@@ -99,7 +99,7 @@ class FeatureLayout:
 def check_storage_dtype(name: str) -> None:
     """Raise ``ValueError`` unless ``name`` is a storage precision of :data:`STORAGE_DTYPES`."""
     if name not in STORAGE_DTYPES:
-        raise ValueError(f"feature_cache_dtype must be one of {sorted(STORAGE_DTYPES)}, got {name!r}.")
+        raise ValueError(f"feature_cache.dtype must be one of {sorted(STORAGE_DTYPES)}, got {name!r}.")
 
 
 def _size_text(size: int) -> str:

@@ -5,8 +5,8 @@ training and validation steps pass what it provides to :meth:`.AnomalyCLIPModel.
 :func:`training_feature_cache` decides whether the training data may be cached (see
 :mod:`.transforms`), where (:func:`cache_location`) and under which key (:mod:`.key`).
 
-Where: in memory when it fits (single process, no ``feature_cache_dir``, at most half of
-the available memory), else memory-mapped in ``feature_cache_dir`` (persistent, reused by
+Where: in memory when it fits (single process, no ``feature_cache.dir``, at most half of
+the available memory), else memory-mapped in ``feature_cache.dir`` (persistent, reused by
 later runs with the same key) or in a temporary folder below the trainer's
 ``default_root_dir`` (removed at the end of training).
 
