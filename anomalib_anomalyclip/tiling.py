@@ -33,8 +33,9 @@ same tiling), so ``k`` normal images cover every region of the product; its size
 
 Tiling is switched on by the model's ``tiling`` group (``--model.tiling true``, or its fields ``tile_size``,
 ``stride``, ``working_size``, ``fusion``) or by anomalib's ``TilerConfigurationCallback``, which sets the torch
-model's ``tiler`` as it does for PatchCore (its tile size and stride are used; ``mode`` is not needed, since no tile is padded). Either way the
-pre-processor then resizes to the working resolution (or not at all) instead of the input size.
+model's ``tiler`` as it does for PatchCore (its tile size and stride are used; ``mode`` is not needed, since no
+tile is padded). Either way the pre-processor then resizes to the working resolution (or not at all) instead of the
+input size.
 """
 
 from __future__ import annotations
