@@ -53,6 +53,47 @@ class Tap(NamedTuple):
     path: TokenPath
 
 
+class VisualFeatures(NamedTuple):
+    """What one encoder pass over a batch gives (:meth:`DualPathVisualEncoder.encode`): every caller's one encoding.
+
+    Attributes:
+        global_embedding: (B, D) global embeddings (the prompts' image score).
+        patch_tokens: per feature layer, (B, N, D) DPAM patch tokens (the zero-shot maps).
+        extra_tokens: per extra tap, in the order asked for, (B, N, D) patch tokens (a few-shot bank's, mutual
+            scoring's).
+        class_embedding: (B, D) CLIP's own image embedding when asked for, else ``None``.
+    """
+
+    global_embedding: torch.Tensor
+    patch_tokens: list[torch.Tensor]
+    extra_tokens: list[torch.Tensor]
+    class_embedding: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(parts: Sequence[VisualFeatures]) -> VisualFeatures:
+        """The features of several batches as one batch (in order)."""
+        first = parts[0]
+
+        def joined(layers: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+            return [torch.cat(layer) for layer in zip(*layers, strict=True)]
+
+        return VisualFeatures(
+            torch.cat([part.global_embedding for part in parts]),
+            joined([part.patch_tokens for part in parts]),
+            joined([part.extra_tokens for part in parts]),
+            None if first.class_embedding is None else torch.cat([part.class_embedding for part in parts]),
+        )
+
+    def select(self, rows: slice) -> VisualFeatures:
+        """The features of the batch rows ``rows``."""
+        return VisualFeatures(
+            self.global_embedding[rows],
+            [layer[rows] for layer in self.patch_tokens],
+            [layer[rows] for layer in self.extra_tokens],
+            None if self.class_embedding is None else self.class_embedding[rows],
+        )
+
+
 def check_layers(layers: Sequence[int], depth: int, name: str) -> tuple[int, ...]:
     """Sorted unique layer numbers; ``ValueError`` naming the argument when one lies outside 1..depth."""
     layers = tuple(sorted(set(layers)))
@@ -110,6 +151,15 @@ class DualPathVisualEncoder(nn.Module):
     def feature_taps(self) -> tuple[Tap, ...]:
         """The taps that make the zero-shot anomaly maps: the DPAM stream of the feature layers."""
         return tuple(Tap(layer, TokenPath.DPAM) for layer in self.feature_layers)
+
+    def encode(
+        self, images: torch.Tensor, extra_taps: Sequence[Tap] = (), class_embedding: bool = False
+    ) -> VisualFeatures:
+        """One pass over CLIP-normalised ``images`` (B, 3, H, W): the feature layers' tokens and ``extra_taps``'."""
+        outputs = self(images, self.feature_taps + tuple(extra_taps), class_embedding=class_embedding)
+        layers = len(self.feature_taps)
+        tokens = outputs[1]
+        return VisualFeatures(outputs[0], tokens[:layers], tokens[layers:], outputs[2] if class_embedding else None)
 
     def forward(
         self, images: torch.Tensor, taps: Sequence[Tap] | None = None, class_embedding: bool = False

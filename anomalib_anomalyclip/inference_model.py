@@ -50,13 +50,31 @@ def score_images(
     Returns:
         ``pred_score`` (B,) and ``anomaly_map`` (B, 1, H, W).
     """
-    feature_taps = visual_encoder.feature_taps
     bank_taps = few_shot.taps if few_shot is not None and few_shot.active else ()
-    global_embedding, tokens = visual_encoder(images, feature_taps + bank_taps)
+    features = visual_encoder.encode(images, bank_taps)
     size = (images.shape[-2], images.shape[-1])
     grid = visual_encoder.grid_size(size)
-    patch_tokens, bank_tokens = tokens[: len(feature_taps)], tokens[len(feature_taps) :]
-    return score_features(global_embedding, patch_tokens, grid, size, smoothing, text_features, few_shot, bank_tokens)
+    return score_features(
+        features.global_embedding, features.patch_tokens, grid, size, smoothing, text_features, few_shot,
+        features.extra_tokens,
+    )  # fmt: skip
+
+
+def score_batch(
+    visual_encoder: DualPathVisualEncoder,
+    smoothing: GaussianSmoothing,
+    images: torch.Tensor,
+    text_features: torch.Tensor,
+    few_shot: FewShotScorer | None = None,
+    tiling: TilingConfig | None = None,
+) -> InferenceBatch:
+    """Scores and maps of CLIP-normalised images, untiled (:func:`score_images`) or tiled (:func:`.tiling.score_tiled`).
+
+    The one scoring path of the eager model and of exported graphs.
+    """
+    if tiling is not None:
+        return score_tiled(visual_encoder, smoothing, images, text_features, few_shot, tiling)
+    return score_images(visual_encoder, smoothing, images, text_features, few_shot)
 
 
 def score_features(
@@ -125,8 +143,4 @@ class AnomalyCLIPInferenceModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Score a batch of CLIP-normalised images (B, 3, H, W); see :func:`score_images` (tiled: :mod:`.tiling`)."""
-        if self.tiling is not None:
-            return score_tiled(
-                self.visual_encoder, self.smoothing, images, self.text_features, self.few_shot, self.tiling
-            )
-        return score_images(self.visual_encoder, self.smoothing, images, self.text_features, self.few_shot)
+        return score_batch(self.visual_encoder, self.smoothing, images, self.text_features, self.few_shot, self.tiling)

@@ -294,21 +294,17 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score the batch (anomalib collects thresholds); within ``fit``, from the training features where cached."""
         del args, kwargs
-        if self.pool_scores is not None:
-            return self._pooled(batch)
-        if self.model.k_shot or self.model.tiling is not None:
-            return batch.update(**self.model(batch.image)._asdict())
-        paths = getattr(batch, "image_path", None)
-        features = self.model.visual_features(batch.image, paths, self.val_features, record=False)
-        return batch.update(**self.model.scores_from_features(*features, batch.image.shape[-2:])._asdict())
+        return self._scored(batch)
 
     def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score the batch; with mutual scoring, look up the scores of the pools computed at the loop's start."""
-        return self._pooled(batch) if self.pool_scores is not None else super().test_step(batch, *args, **kwargs)
+        del args, kwargs
+        return self._scored(batch)
 
     def predict_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score the batch; with mutual scoring, look up the scores of the pools computed at the loop's start."""
-        return self._pooled(batch) if self.pool_scores is not None else super().predict_step(batch, *args, **kwargs)
+        del args, kwargs
+        return self._scored(batch)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the prompts, references and anomalib's components, not the frozen CLIP (see :mod:`.checkpoints`)."""
@@ -399,8 +395,12 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         self.model.load_prompts(plan.released_file())
         self.prompt_state = PromptState.FIXED
 
-    def _pooled(self, batch: Batch) -> Batch:
-        return batch.update(**self.pool_scores.lookup(batch.image_path, self.device)._asdict())
+    def _scored(self, batch: Batch) -> Batch:
+        """The batch with its scores: looked up in the pools, or the torch model's (cached features within a fit)."""
+        if self.pool_scores is not None:
+            return batch.update(**self.pool_scores.lookup(batch.image_path, self.device)._asdict())
+        scored = self.model.score(batch.image, getattr(batch, "image_path", None), self.val_features)
+        return batch.update(**scored._asdict())
 
     def _set_probability_scale(self) -> None:
         if isinstance(self.post_processor, ProbabilityPostProcessor):

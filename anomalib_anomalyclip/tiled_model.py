@@ -17,6 +17,7 @@ import torch
 from anomalib.data import InferenceBatch
 
 from .config import Tiling
+from .dpam import VisualFeatures
 from .few_shot import FewShotScorer, score_leaving_out
 from .pre_processor import AnomalyCLIPPreProcessor
 from .tiling import (
@@ -26,7 +27,6 @@ from .tiling import (
     bank_rows,
     encode_views,
     pair,
-    score_tiled,
     score_views,
     tiling_config,
     tiling_from_tiler,
@@ -96,11 +96,6 @@ class TiledModel:
             tiling_config(tiling.tile_size, tiling.stride, self.image_size)  # raises, saying what to use
         self.tiling = tiling
 
-    def score_tiled(self, images: torch.Tensor) -> InferenceBatch:
-        """Scores (B,) and maps (B, 1, H, W) of CLIP-normalised images at the working resolution, tiled."""
-        text_features = self.inference_text_features()
-        return score_tiled(self.visual_encoder, self.smoothing, images, text_features, self.few_shot, self.tiling)
-
     def remember_tiled_references(self, images: torch.Tensor) -> InferenceBatch | None:
         """Fill the few-shot bank with every view (tiles, global view) of each reference; see ``remember_references``.
 
@@ -109,31 +104,25 @@ class TiledModel:
         """
         size = images.shape[-2:]
         views = self.tiling.views_per_image(size)
-        taps = self.visual_encoder.feature_taps + self.few_shot.taps
         with torch.no_grad():
-            encoded = [encode_views(self.visual_encoder, image, self.tiling, taps) for image in images.split(1)]
-        embedding = torch.cat([embedding for embedding, _ in encoded])
-        tokens = [torch.cat(layer) for layer in zip(*(layers for _, layers in encoded), strict=True)]
-        layers = len(self.visual_encoder.feature_taps)
-        self.few_shot.remember([bank_rows(layer, views) for layer in tokens[layers:]])
+            parts = [
+                encode_views(self.visual_encoder, image, self.tiling, self.few_shot.taps) for image in images.split(1)
+            ]
+        features = VisualFeatures.cat(parts)
+        self.few_shot.remember([bank_rows(layer, views) for layer in features.extra_tokens])
         if images.shape[0] < 2:
             return None
-        return self._tiled_leave_one_out(embedding, tokens, size, views)
+        return self._tiled_leave_one_out(features, size, views)
 
-    def _tiled_leave_one_out(
-        self, embedding: torch.Tensor, tokens: list[torch.Tensor], size: Sequence[int], views: int
-    ) -> InferenceBatch:
+    def _tiled_leave_one_out(self, features: VisualFeatures, size: Sequence[int], views: int) -> InferenceBatch:
         grid = self.visual_encoder.grid_size(self.tiling.tile_size)
         text_features = self.inference_text_features()
 
         def score_one(index: int, scorer: FewShotScorer) -> InferenceBatch:
-            one = slice(index * views, (index + 1) * views)
-            view_tokens = [layer[one] for layer in tokens]
-            return score_views(
-                embedding[one], view_tokens, size, self.tiling, grid, self.smoothing, text_features, scorer
-            )
+            one = features.select(slice(index * views, (index + 1) * views))
+            return score_views(one, size, self.tiling, grid, self.smoothing, text_features, scorer)
 
-        return score_leaving_out(self.few_shot, embedding.shape[0] // views, score_one)
+        return score_leaving_out(self.few_shot, features.global_embedding.shape[0] // views, score_one)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from .scoring import GaussianSmoothing, image_scores, summed_anomaly_map
 if TYPE_CHECKING:
     from anomalib.data.utils.tiler import Tiler
 
-    from .dpam import DualPathVisualEncoder, Tap
+    from .dpam import DualPathVisualEncoder, Tap, VisualFeatures
 
 __all__ = [
     "TileFusion",
@@ -315,15 +315,14 @@ def fuse_views(tiles: torch.Tensor, whole: torch.Tensor | None, fusion: TileFusi
 
 
 def encode_views(
-    visual_encoder: DualPathVisualEncoder, images: torch.Tensor, tiling: TilingConfig, taps: Sequence[Tap]
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Global embeddings (B * views, D) and per tap patch tokens (B * views, N, D) of every view, in one call."""
-    return visual_encoder(cut_views(images, tiling), taps)
+    visual_encoder: DualPathVisualEncoder, images: torch.Tensor, tiling: TilingConfig, extra_taps: Sequence[Tap] = ()
+) -> VisualFeatures:
+    """The features of every view (B * views rows, views as :func:`cut_views` orders them), in one encoder call."""
+    return visual_encoder.encode(cut_views(images, tiling), extra_taps)
 
 
 def score_views(
-    global_embedding: torch.Tensor,
-    tokens: Sequence[torch.Tensor],
+    features: VisualFeatures,
     size: Sequence[int],
     tiling: TilingConfig,
     grid: Pair,
@@ -334,8 +333,8 @@ def score_views(
     """Scores (B,) and maps (B, 1, H, W) of images of ``size`` from their views' features (see the module docstring).
 
     Args:
-        global_embedding: (B * views, D), views as :func:`cut_views` orders them.
-        tokens: per feature layer, then per tap of an active ``few_shot`` bank, (B * views, N, D).
+        features: the views' features (:func:`encode_views`); with an active ``few_shot`` bank, its taps' tokens are
+            the extra tokens.
         size: (H, W) of the images (the working resolution).
         tiling: the tiling the views were cut with.
         grid: patch grid of one view.
@@ -345,8 +344,10 @@ def score_views(
     """
     size = (int(size[0]), int(size[1]))
     views, tiles = tiling.views_per_image(size), tiling.tile_count(size)
-    layers = len(tokens) - (len(few_shot.taps) if few_shot is not None and few_shot.active else 0)
-    scores = image_scores(global_embedding, text_features).reshape(-1, views)
+    bank = few_shot is not None and few_shot.active
+    tokens = features.patch_tokens + (features.extra_tokens if bank else [])
+    layers = len(features.patch_tokens)
+    scores = image_scores(features.global_embedding, text_features).reshape(-1, views)
     score = fuse_views(scores[:, :tiles].amax(dim=1), scores[:, tiles] if tiling.global_view else None, tiling.fusion)
     by_view = [layer.reshape(-1, views, *layer.shape[1:]) for layer in tokens]
 
@@ -389,10 +390,9 @@ def score_tiled(
             anomaly_map=torch.cat([part.anomaly_map for part in parts]),
         )
     active = few_shot if few_shot is not None and few_shot.active else None
-    taps = visual_encoder.feature_taps + (active.taps if active is not None else ())
-    embedding, tokens = encode_views(visual_encoder, images, tiling, taps)
+    features = encode_views(visual_encoder, images, tiling, active.taps if active is not None else ())
     grid = visual_encoder.grid_size(tiling.tile_size)
-    return score_views(embedding, tokens, images.shape[-2:], tiling, grid, smoothing, text_features, active)
+    return score_views(features, images.shape[-2:], tiling, grid, smoothing, text_features, active)
 
 
 def bank_rows(tokens: torch.Tensor, views: int) -> torch.Tensor:

@@ -25,10 +25,10 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from .backbone import load_clip
-from .dpam import DpamKind, DualPathVisualEncoder, Tap, TokenPath, check_layers
+from .dpam import DpamKind, DualPathVisualEncoder, Tap, TokenPath, VisualFeatures, check_layers
 from .errors import parse_choice
 from .few_shot import FewShotFusion, FewShotScorer, FewShotSettings, few_shot_settings, score_leaving_out
-from .inference_model import AnomalyCLIPInferenceModel, score_features, score_images
+from .inference_model import AnomalyCLIPInferenceModel, score_batch, score_features
 from .mutual import MutualScoring, MutualScoringError, fuse_with_prompts
 from .mutual import score_pool as score_mutually
 from .prompts import AGNOSTIC_OBJECT, PromptConfig, PromptLearner, PromptTextEncoder, PromptType, save_prompts
@@ -51,20 +51,6 @@ class TrainingOutput(NamedTuple):
 
     image_logits: torch.Tensor
     layer_probabilities: list[torch.Tensor]
-
-
-class VisualFeatures(NamedTuple):
-    """The visual features of a batch, computed once and scored as often as needed.
-
-    Attributes:
-        global_embedding: (B, D) global embeddings.
-        patch_tokens: per feature layer, (B, N, D) patch tokens (the zero-shot maps').
-        extra_tokens: per extra tap, (B, N, D) patch tokens (e.g. those a few-shot bank reads).
-    """
-
-    global_embedding: torch.Tensor
-    patch_tokens: list[torch.Tensor]
-    extra_tokens: list[torch.Tensor]
 
 
 class PoolMember(NamedTuple):
@@ -253,21 +239,15 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
         """One encoder pass over CLIP-normalised ``images`` (B, 3, H, W): the prompts' outputs and mutual tokens."""
         if self.mutual is None:
             raise RuntimeError("This model does no mutual scoring; give it a configuration with use_mutual_scoring().")
-        feature_taps = self.visual_encoder.feature_taps
         bank_taps = self.few_shot.taps if self.has_references else ()
         mutual_taps = tuple(Tap(block, TokenPath.RESIDUAL) for block in self.mutual.blocks)
-        size = (int(images.shape[-2]), int(images.shape[-1]))
-        with torch.no_grad():
-            embedding, tokens, class_embedding = self.visual_encoder(
-                images, feature_taps + bank_taps + mutual_taps, class_embedding=True
-            )
-            features, bank = tokens[: len(feature_taps)], tokens[len(feature_taps) : -len(mutual_taps)]
-            grid = self.visual_encoder.grid_size(size)
-            text_features = self.inference_text_features()
-            prompt = score_features(embedding, features, grid, size, self.smoothing, text_features, self.few_shot, bank)
-        anomaly_map = prompt.anomaly_map if self.has_references else prompt.anomaly_map / len(feature_taps)
-        mutual_tokens = [layer.half() for layer in tokens[-len(mutual_taps) :]]
-        return PoolMember(prompt.pred_score, anomaly_map, mutual_tokens, class_embedding)
+        features = self.encode(images, bank_taps + mutual_taps, class_embedding=True)
+        bank, mutual = features.extra_tokens[: len(bank_taps)], features.extra_tokens[len(bank_taps) :]
+        prompt = self.scores_from_features(
+            features.global_embedding, features.patch_tokens, images.shape[-2:], self.few_shot, bank
+        )
+        anomaly_map = prompt.anomaly_map if self.has_references else prompt.anomaly_map / len(self.feature_layers)
+        return PoolMember(prompt.pred_score, anomaly_map, [layer.half() for layer in mutual], features.class_embedding)
 
     def score_pool(self, members: Sequence[PoolMember]) -> InferenceBatch:
         """Scores and maps of a pool of images, each scored against the others and fused with the prompts.
@@ -376,10 +356,24 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
         """
         if self.training:
             return self.training_outputs(images, class_names)
-        if self.tiling is not None:
-            return self.score_tiled(images)
-        text_features = self.inference_text_features()
-        return score_images(self.visual_encoder, self.smoothing, images, text_features, self.few_shot)
+        return self.score(images)
+
+    def score(
+        self, images: torch.Tensor, paths: Sequence[str] | None = None, cache: FeatureCache | None = None
+    ) -> InferenceBatch:
+        """Scores (B,) and maps (B, 1, H, W) of CLIP-normalised images: tiled or not, zero- or few-shot.
+
+        Args:
+            images: (B, 3, H, W) CLIP-normalised images.
+            paths: the images' files, to read their features from ``cache``.
+            cache: a feature cache of prompt training (zero-shot, untiled scoring reads it); ``None``: encode.
+        """
+        if cache is not None and paths is not None and self.tiling is None and not self.has_references:
+            features = self.visual_features(images, paths, cache, record=False)
+            return self.scores_from_features(*features, images.shape[-2:])
+        with torch.no_grad():
+            text_features = self.inference_text_features()
+            return score_batch(self.visual_encoder, self.smoothing, images, text_features, self.few_shot, self.tiling)
 
     def scores_from_features(
         self,
@@ -410,17 +404,18 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
         """Where the anomaly maps read patch tokens: one tap per feature layer."""
         return self.visual_encoder.feature_taps
 
-    def encode_images(self, images: torch.Tensor, extra_taps: Sequence[Tap] = ()) -> VisualFeatures:
+    def encode(
+        self, images: torch.Tensor, extra_taps: Sequence[Tap] = (), class_embedding: bool = False
+    ) -> VisualFeatures:
         """Visual features of CLIP-normalised images (B, 3, H, W) in one pass without gradients.
 
         Args:
             images: the batch.
             extra_taps: further taps read in the same pass (e.g. a few-shot bank's).
+            class_embedding: also CLIP's own image embedding (mutual scoring's RsCIN).
         """
-        taps = self.feature_taps
         with torch.no_grad():
-            global_embedding, tokens = self.visual_encoder(images, taps + tuple(extra_taps))
-        return VisualFeatures(global_embedding, tokens[: len(taps)], tokens[len(taps) :])
+            return self.visual_encoder.encode(images, extra_taps, class_embedding)
 
     def new_few_shot_scorer(self, taps: Sequence[Tap], fusion: FewShotFusion | str) -> FewShotScorer:
         """An empty few-shot bank reading ``taps`` of this model's encoder (``remember`` fills it)."""
@@ -456,36 +451,18 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
             raise RuntimeError("This model has no few-shot bank; give it one with use_few_shot().")
         if self.tiling is not None:
             return self.remember_tiled_references(images)
-        taps = self.visual_encoder.feature_taps + self.few_shot.taps
-        with torch.no_grad():
-            encoded = [self.visual_encoder(chunk, taps) for chunk in images.split(batch_size)]
-        global_embedding = torch.cat([embedding for embedding, _ in encoded])
-        tokens = [torch.cat(layer) for layer in zip(*(layers for _, layers in encoded), strict=True)]
-        layers = len(self.feature_layers)
-        self.few_shot.remember(tokens[layers:])
+        features = VisualFeatures.cat([self.encode(chunk, self.few_shot.taps) for chunk in images.split(batch_size)])
+        self.few_shot.remember(features.extra_tokens)
         if images.shape[0] < 2:
             return None
-        return self._leave_one_out(global_embedding, tokens[:layers], tokens[layers:], images.shape[-2:])
+        return self._leave_one_out(features, images.shape[-2:])
 
-    def _leave_one_out(
-        self,
-        global_embedding: torch.Tensor,
-        patch_tokens: Sequence[torch.Tensor],
-        bank_tokens: Sequence[torch.Tensor],
-        size: Sequence[int],
-    ) -> InferenceBatch:
-        size = (int(size[0]), int(size[1]))
-        grid = self.visual_encoder.grid_size(size)
-        text_features = self.inference_text_features()
-
+    def _leave_one_out(self, features: VisualFeatures, size: Sequence[int]) -> InferenceBatch:
         def score_one(index: int, scorer: FewShotScorer) -> InferenceBatch:
-            one = slice(index, index + 1)
-            patches, bank = [layer[one] for layer in patch_tokens], [layer[one] for layer in bank_tokens]
-            return score_features(
-                global_embedding[one], patches, grid, size, self.smoothing, text_features, scorer, bank
-            )
+            one = features.select(slice(index, index + 1))
+            return self.scores_from_features(one.global_embedding, one.patch_tokens, size, scorer, one.extra_tokens)
 
-        return score_leaving_out(self.few_shot, global_embedding.shape[0], score_one)
+        return score_leaving_out(self.few_shot, features.global_embedding.shape[0], score_one)
 
     def training_outputs(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> TrainingOutput:
         """Image logits and per-layer probability maps, differentiable w.r.t. the prompts."""

@@ -34,11 +34,10 @@ from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_anomalyclip.data.auxiliary import AuxiliaryDataModule
 from anomalib_anomalyclip.data.images import list_image_files, read_image, read_mask
-from anomalib_anomalyclip.dpam import Tap
+from anomalib_anomalyclip.dpam import Tap, VisualFeatures
 from anomalib_anomalyclip.few_shot import FewShotFusion, choose_references
 from anomalib_anomalyclip.lightning_model import AnomalyCLIP
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
-from anomalib_anomalyclip.torch_model import VisualFeatures
 
 AUXILIARY_KINDS = {
     "aux_texture_a": "texture",
@@ -189,7 +188,7 @@ def evaluate_category(model: AnomalyCLIP, folder: Path, category: str, kind: str
 
 def _encode(model: AnomalyCLIP, paths: Sequence[Path], bank_taps: Sequence[Tap]) -> VisualFeatures:
     images = torch.cat([model.pre_processor.transform(read_image(path).unsqueeze(0)) for path in paths])
-    return model.model.encode_images(images, bank_taps)
+    return model.model.encode(images, bank_taps)
 
 
 def _mask(folder: Path, image: Path, size: int) -> torch.Tensor:

@@ -142,7 +142,7 @@ def test_non_square_inputs_give_a_rectangular_grid(visual) -> None:
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
-    [({"feature_layers": (0, 24)}, "feature_layers"), ({"dpam_start_layer": 25}, "dpam_start_layer")],
+    [({"feature_layers": (0, 24)}, r"dpam\.feature_layers"), ({"dpam_start_layer": 25}, r"dpam\.start_layer")],
 )
 def test_layer_numbers_outside_the_transformer_are_rejected(visual, arguments: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
