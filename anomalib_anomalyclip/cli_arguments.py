@@ -1,18 +1,17 @@
-"""Command lines and configuration files of the flat model arguments, upgraded to the groups before parsing.
+"""Command lines and configuration files of this version's short switches and of the flat arguments, before parsing.
 
-Until the model's arguments became groups (:mod:`anomalib_anomalyclip.config`), runs were written as
-``--model.mutual_scoring true --model.mutual_pool_size 50`` and ``config.yaml`` files held the same flat keys.
-:func:`upgrade_command_line` rewrites both before anomalib's parser sees them, and returns one note per old name
-naming its new spelling (the command line prints them). Values mean what they meant:
+Two rewrites, made before anomalib's parser sees the arguments, for AnomalyCLIP runs only:
 
-* ``mutual_*`` values count only with ``mutual_scoring true`` (as before); giving a field of ``mutual`` now switches
-  mutual scoring on, so without it they are dropped;
-* ``tile_*`` values become ``tiling.*`` (a working size or fusion given for anomalib's ``TilerConfigurationCallback``
-  switches tiling on with the callback's tiles, as before);
-* ``seed`` seeds the prompts, the choice of references and (with mutual scoring) the split of pools.
+* the short switches: ``--model.mutual true`` and ``--model.tiling true`` stand for ``--model.mutual.enabled true``
+  and ``--model.tiling.enabled true`` (and ``mutual: true`` in a configuration file);
+* the flat arguments of earlier versions: runs were written as ``--model.mutual_scoring true
+  --model.mutual_pool_size 50``, and ``config.yaml`` files held the same flat keys. :func:`upgrade_command_line`
+  rewrites both into groups (:func:`anomalib_anomalyclip.config.upgrade`) and returns one note per old name naming
+  its new spelling (the command line prints them). ``tile_size`` also switches tiling on; ``seed`` seeds the
+  prompts, the choice of references and the split of pools, as it did.
 
-A configuration file (``--config`` or ``--model`` with a file) that holds flat model keys is upgraded into a copy
-in a temporary folder, which the parser reads instead; the file itself is left as it is.
+A configuration file (``--config`` or ``--model`` with a file) that needs either rewrite is written anew into a
+temporary folder, which the parser reads instead; the file itself is left as it is.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .config import FLAT_ARGUMENTS, flat_argument_notes, is_flat, upgrade
+from .config import FLAT_ARGUMENTS, SWITCHED, flat_argument_notes, is_flat, upgrade
 
 __all__ = ["upgrade_command_line"]
 
@@ -34,7 +33,7 @@ MODEL_NAME = "AnomalyCLIP"
 
 
 def upgrade_command_line(args: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``args`` with flat model options and configuration files upgraded, and one note per upgraded name.
+    """``args`` with switches, flat model options and configuration files upgraded, and one note per old name.
 
     Only runs of AnomalyCLIP are touched: a command line that names it, or a configuration file whose model it is.
     """
@@ -44,12 +43,16 @@ def upgrade_command_line(args: Sequence[str]) -> tuple[list[str], list[str]]:
         return args, notes
     flat = {name: value for name, value in _model_options(args) if _is_flat(name, value)}
     notes.extend(flat_argument_notes({name: _is_bool_text(value) or value for name, value in flat.items()}, PREFIX))
-    mutual_on = flat.get("mutual_scoring", "").lower() == "true"
     rewritten: list[str] = []
     index = 0
     while index < len(args):
         name, value, width = _option_at(args, index)
-        rewritten.extend(_new_options(name, value, mutual_on) if name in flat else args[index : index + width])
+        if name in SWITCHED and _is_bool_text(value):
+            rewritten.extend([f"{PREFIX}{name}.enabled", value.lower()])
+        elif name in flat:
+            rewritten.extend(_new_options(name, value))
+        else:
+            rewritten.extend(args[index : index + width])
         index += width
     return rewritten, notes
 
@@ -86,26 +89,23 @@ def _is_bool_text(value: str) -> bool:
     return value.lower() in ("true", "false")
 
 
-def _new_options(name: str, value: str, mutual_on: bool) -> list[str]:
-    """The grouped options of one flat option (none where it never counted)."""
+def _new_options(name: str, value: str) -> list[str]:
+    """The grouped options of one flat option."""
     if name == "feature_cache":
         return [f"{PREFIX}feature_cache.enabled", value]
-    if name == "mutual_scoring":
-        return [f"{PREFIX}mutual", value.lower()]
     if name == "seed":
         derived = "0" if value.lower() in ("null", "none") else value  # a seed of None meant 0 for these
-        targets = {"prompts.seed": value, "few_shot.seed": derived, **({"mutual.seed": derived} if mutual_on else {})}
+        targets = {"prompts.seed": value, "few_shot.seed": derived, "mutual.seed": derived}
         return [item for target, given in targets.items() for item in (f"{PREFIX}{target}", given)]
-    new = FLAT_ARGUMENTS[name]
-    if new.startswith("mutual.") and not mutual_on:
-        return []  # without mutual_scoring true these never counted; now a field of mutual switches it on
-    if name.startswith("tile_") and value.lower() in ("null", "none"):
-        return []
-    return [f"{PREFIX}{new}", value]
+    if name == "tile_size":
+        if value.lower() in ("null", "none"):
+            return []
+        return [f"{PREFIX}tiling.enabled", "true", f"{PREFIX}tiling.tile_size", value]
+    return [f"{PREFIX}{FLAT_ARGUMENTS[name]}", value]
 
 
 def _upgrade_config_files(args: list[str], notes: list[str]) -> list[str]:
-    """``args`` with each configuration file that holds flat model keys replaced by an upgraded copy."""
+    """``args`` with each configuration file that needs upgrading replaced by an upgraded copy."""
     upgraded = list(args)
     for index, argument in enumerate(args):
         option, equals, inline = argument.partition("=")
@@ -126,7 +126,10 @@ def _upgraded_copy(path: Path, notes: list[str]) -> Path | None:
         return None
     content = yaml.safe_load(path.read_text())
     model_args = _model_init_args(content)
-    if model_args is None or not is_flat(model_args) or MODEL_NAME not in str(content.get("model", content)):
+    if model_args is None or MODEL_NAME not in str(content.get("model", content)):
+        return None
+    flat = is_flat(model_args)
+    if not flat and not any(isinstance(model_args.get(name), bool) for name in SWITCHED):
         return None
     examples = ", ".join(flat_argument_notes(model_args)[:2])
     upgraded = upgrade(model_args)
@@ -134,9 +137,10 @@ def _upgraded_copy(path: Path, notes: list[str]) -> Path | None:
     model_args.update(upgraded)
     copy = Path(tempfile.mkdtemp(prefix="anomalyclip-config-")) / path.name
     copy.write_text(yaml.safe_dump(content, sort_keys=False))
-    notes.append(
-        f"{path} holds the flat model arguments of earlier versions ({examples}, ...); read as groups from {copy}"
-    )
+    if flat:
+        notes.append(
+            f"{path} holds the flat model arguments of earlier versions ({examples}, ...); read as groups from {copy}"
+        )
     return copy
 
 

@@ -3,8 +3,10 @@
 :class:`~anomalib_anomalyclip.AnomalyCLIP` takes a few plain arguments (``backbone``, ``pretrained``,
 ``image_size``, ``prompt_weights``, ``k_shot``: anomalib's and users' names) and one group per capability. On the
 command line a group's fields are nested arguments (``--model.mutual.fraction 0.25``, ``--model.dpam.kind qq``), in
-YAML a mapping (``mutual: {fraction: 0.25}``). The two capabilities that are off by default are switched on with one
-short flag: ``--model.mutual true`` and ``--model.tiling true`` (or by giving any of their fields).
+YAML a mapping (``mutual: {fraction: 0.25}``). The two capabilities that are off by default have an ``enabled``
+field, and one short flag switches each on: ``--model.mutual true`` and ``--model.tiling true`` (the command line
+reads them as ``--model.mutual.enabled true``; in YAML ``mutual: true`` or ``mutual: {enabled: true}``; in Python
+``mutual=True`` or ``mutual=MutualScoring(enabled=True)``). Their other fields alone do not switch them on.
 
 Each group checks its values when it is made and says what is wrong with the package's one-line errors. Models,
 checkpoints and ``config.yaml`` files written before the groups existed used flat arguments (``mutual_scoring``,
@@ -180,6 +182,8 @@ class Tiling:
     """Tiled inference for small defects on large images (see :mod:`anomalib_anomalyclip.tiling`).
 
     Args:
+        enabled: tile (``--model.tiling true`` for short); anomalib's ``TilerConfigurationCallback`` switches tiling on
+            too, with its tiles and this group's working size and fusion.
         tile_size: side of a tile; it must be ``image_size`` (``None``: ``image_size``).
         stride: step between tiles, at most the tile size; ``None``: the tile size.
         working_size: (height, width) or side the images are resized to before tiling; ``None``: each image's own
@@ -187,6 +191,7 @@ class Tiling:
         fusion: ``mean`` (tiles and a global view of the whole image, averaged), ``max``, or ``tiles`` alone.
     """
 
+    enabled: bool = False
     tile_size: int | None = None
     stride: int | tuple[int, int] | None = None
     working_size: int | tuple[int, int] | None = None
@@ -232,19 +237,21 @@ GROUPS: dict[str, type] = {
 }
 """The model's argument of each group, and its class."""
 SWITCHED = ("mutual", "tiling")
-"""Groups that are off unless given (``false`` by default, ``true`` for their defaults)."""
+"""Groups with an ``enabled`` field, off by default (``true`` stands for ``{enabled: true}``)."""
 
 
-def as_group(group: type[GroupT], value: GroupT | Mapping[str, Any] | bool | None, argument: str) -> GroupT | None:
-    """``value`` as a ``group``: itself, a mapping of its fields, ``True`` (its defaults) or ``False``/``None`` (off).
+def as_group(group: type[GroupT], value: GroupT | Mapping[str, Any] | bool | None, argument: str) -> GroupT:
+    """``value`` as a ``group``: itself, a mapping of its fields, or (for a switched group) ``True``/``False``.
+
+    ``None`` gives the defaults.
 
     Raises:
         ConfigurationError: a mapping names fields the group does not have (the message lists its fields).
     """
-    if value is None or value is False:
-        return None
-    if value is True:
+    if value is None:
         return group()
+    if isinstance(value, bool) and argument in SWITCHED:
+        return group(enabled=value)
     if isinstance(value, group):
         return value
     if isinstance(value, Mapping):
@@ -262,8 +269,7 @@ def as_group(group: type[GroupT], value: GroupT | Mapping[str, Any] | bool | Non
 class AnomalyCLIPConfig:
     """Everything :class:`~anomalib_anomalyclip.AnomalyCLIP` is built from, except anomalib's components.
 
-    The groups are those of :data:`GROUPS`; ``mutual`` and ``tiling`` are ``None`` when off. See the model's
-    arguments for the plain fields.
+    The groups are those of :data:`GROUPS`. See the model's arguments for the plain fields.
     """
 
     backbone: str = "ViT-L-14-336"
@@ -275,8 +281,8 @@ class AnomalyCLIPConfig:
     training: Training = field(default_factory=Training)
     dpam: Dpam = field(default_factory=Dpam)
     few_shot: FewShot = field(default_factory=FewShot)
-    mutual: MutualScoring | None = None
-    tiling: Tiling | None = None
+    mutual: MutualScoring = field(default_factory=MutualScoring)
+    tiling: Tiling = field(default_factory=Tiling)
     feature_cache: FeatureCaching = field(default_factory=FeatureCaching)
     normal_quantile: float = 0.99
     preprocessing: Literal["reference", "fast"] = "reference"
@@ -299,20 +305,12 @@ class AnomalyCLIPConfig:
     def from_arguments(cls, **arguments: Any) -> AnomalyCLIPConfig:
         """The configuration of the model's arguments: groups as dataclasses, mappings or switches."""
         groups = {name: as_group(group, arguments.pop(name, None), name) for name, group in GROUPS.items()}
-        groups = {name: value for name, value in groups.items() if value is not None or name in SWITCHED}
         return cls(**arguments, **groups)
 
     def hyper_parameters(self) -> dict[str, Any]:
-        """Plain values (groups as mappings, switched-off groups as ``False``): what checkpoints and logs keep."""
+        """Plain values (groups as mappings): what checkpoints and logs keep."""
         values = {item.name: getattr(self, item.name) for item in fields(self)}
-        for name in GROUPS:
-            group = values[name]
-            values[name] = False if group is None else asdict(group)
-        return values
-
-    def with_tiling(self, tiling: Tiling | None) -> AnomalyCLIPConfig:
-        """A copy with other tiling (anomalib's ``TilerConfigurationCallback`` switches it on from outside)."""
-        return replace(self, tiling=tiling)
+        return {name: asdict(value) if name in GROUPS else value for name, value in values.items()}
 
 
 FLAT_ARGUMENTS: dict[str, str] = {
@@ -339,7 +337,7 @@ FLAT_ARGUMENTS: dict[str, str] = {
     "few_shot_layers": "few_shot.layers",
     "few_shot_tokens": "few_shot.tokens",
     "few_shot_fusion": "few_shot.fusion",
-    "mutual_scoring": "mutual",
+    "mutual_scoring": "mutual.enabled",
     "mutual_blocks": "mutual.blocks",
     "mutual_radii": "mutual.radii",
     "mutual_fraction": "mutual.fraction",
@@ -352,7 +350,8 @@ FLAT_ARGUMENTS: dict[str, str] = {
     "tile_fusion": "tiling.fusion",
 }
 """Each flat argument of the models written before the groups, and its new spelling (``feature_cache``, a flag
-then, became ``feature_cache.enabled``; ``seed`` also seeds ``few_shot.seed`` and ``mutual.seed``, as it did)."""
+then, became ``feature_cache.enabled``; ``tile_size`` also switches ``tiling.enabled`` on; ``seed`` also seeds
+``few_shot.seed`` and ``mutual.seed``, as it did)."""
 
 
 def is_flat(arguments: Mapping[str, Any]) -> bool:
@@ -363,48 +362,41 @@ def is_flat(arguments: Mapping[str, Any]) -> bool:
 def upgrade(arguments: Mapping[str, Any]) -> dict[str, Any]:
     """The model's arguments with flat (old) names turned into groups; arguments already grouped pass unchanged.
 
-    The values mean what they meant: ``mutual_scoring`` switches ``mutual`` on (its ``mutual_*`` values are kept
-    only then); a ``tile_*`` value given switches ``tiling`` on (a working size or fusion was given for anomalib's
-    ``TilerConfigurationCallback``, whose tiles replace the model's); ``seed`` seeds the prompts, the choice of
-    references and the split of pools (``None`` there meant 0).
+    The values mean what they meant: ``mutual_scoring`` becomes ``mutual.enabled``; ``tile_size`` (set) switches
+    ``tiling.enabled`` on (the other ``tile_*`` values alone served anomalib's ``TilerConfigurationCallback``, as
+    ``tiling``'s fields do now); ``seed`` seeds the prompts, the choice of references and the split of pools
+    (``None`` meant 0 for the last two). A switched group given as ``true``/``false`` becomes ``{enabled: ...}``.
 
     Args:
         arguments: the model's arguments (``init_args`` of a ``config.yaml``, a checkpoint's hyper-parameters).
     """
     upgraded: dict[str, Any] = {}
     groups: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
-    switches: dict[str, bool] = {}
     for name, value in arguments.items():
         if name == "feature_cache" and isinstance(value, bool):
             groups["feature_cache"]["enabled"] = value
-        elif name == "mutual_scoring":
-            switches["mutual"] = bool(value)
-        elif name.startswith("tile_"):
-            if value is not None and value != "mean":  # a value given switches tiling on (tile_fusion: not default)
-                switches["tiling"] = True
-                groups["tiling"][FLAT_ARGUMENTS[name].partition(".")[2]] = value
+        elif name in SWITCHED and isinstance(value, bool):
+            groups[name]["enabled"] = value
         elif name in FLAT_ARGUMENTS:
             group, _, member = FLAT_ARGUMENTS[name].partition(".")
             groups[group][member] = value
         else:
             upgraded[name] = value
+    if "tile_size" in arguments:
+        groups["tiling"]["enabled"] = arguments["tile_size"] is not None
     if "seed" in arguments:
-        seed = arguments["seed"]
-        groups["few_shot"]["seed"] = groups["mutual"]["seed"] = seed or 0
+        groups["few_shot"]["seed"] = groups["mutual"]["seed"] = arguments["seed"] or 0
     for name, values in groups.items():
-        given = upgraded.get(name)
-        if name in SWITCHED and not switches.get(name, given is not None and given is not False):
-            upgraded[name] = False
-        elif values or name in SWITCHED:
-            upgraded[name] = _merged(given, values)
+        if values:
+            upgraded[name] = _merged(upgraded.get(name), values)
     return upgraded
 
 
 def _merged(given: Any, values: dict[str, Any]) -> Any:
-    """A group given (a mapping, a dataclass, a switch or nothing) with ``values`` of flat arguments on top."""
+    """A group given (a mapping, a dataclass or nothing) with ``values`` of flat arguments on top."""
     if isinstance(given, Mapping):
         return {**given, **values}
-    if given is None or isinstance(given, bool):
+    if given is None:
         return dict(values)
     return replace(given, **values)
 

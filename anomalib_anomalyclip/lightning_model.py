@@ -78,8 +78,9 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
 
     The capabilities are configured in groups (:mod:`anomalib_anomalyclip.config`): on the command line
     ``--model.mutual.fraction 0.25``, in YAML ``mutual: {fraction: 0.25}``, in Python ``mutual=MutualScoring(...)``
-    or a mapping. ``mutual`` and ``tiling`` are off unless given (``--model.mutual true`` switches one on with its
-    defaults). Flat arguments of earlier versions (``mutual_scoring``, ``tile_size``, ...) are still accepted, with a
+    or a mapping. ``mutual`` and ``tiling`` are off until enabled: ``--model.mutual true`` (YAML ``mutual: true``,
+    Python ``mutual=True``) stands for ``--model.mutual.enabled true``. Flat arguments of earlier versions
+    (``mutual_scoring``, ``tile_size``, ...) are still accepted, with a
     warning naming the new spelling (:func:`anomalib_anomalyclip.config.upgrade`).
 
     Args:
@@ -96,12 +97,10 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         dpam: the dual-path features and the maps (:class:`~anomalib_anomalyclip.config.Dpam`).
         few_shot: the few-shot bank, used with ``k_shot`` (:class:`~anomalib_anomalyclip.config.FewShot`).
         mutual: mutual scoring of each image against the other images of its pool (the images of a validation, test
-            or predict run, per category or folder), fused with the prompts: ``true`` for the defaults, or its
-            settings (:class:`~anomalib_anomalyclip.config.MutualScoring`: blocks, radii, fraction, pool_size,
-            rscin_k, fusion, seed); ``false``: off.
-        tiling: tiled inference for small defects on large images: ``true`` for the defaults, or its settings
-            (:class:`~anomalib_anomalyclip.config.Tiling`: tile_size, stride, working_size, fusion); ``false``: off
-            (anomalib's ``TilerConfigurationCallback`` switches it on too).
+            or predict run, per category or folder), fused with the prompts
+            (:class:`~anomalib_anomalyclip.config.MutualScoring`); ``--model.mutual true`` switches it on.
+        tiling: tiled inference for small defects on large images (:class:`~anomalib_anomalyclip.config.Tiling`);
+            ``--model.tiling true`` switches it on (anomalib's ``TilerConfigurationCallback`` too).
         feature_cache: the feature cache of prompt training (:class:`~anomalib_anomalyclip.config.FeatureCaching`).
         normal_quantile: when validation sees only normal images (or the references, scored leave-one-out), the
             thresholds are this quantile of their scores: ``1 - normal_quantile`` is the accepted false-alarm rate.
@@ -128,8 +127,8 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         training: Training = Training(),  # noqa: B008
         dpam: Dpam = Dpam(),  # noqa: B008
         few_shot: FewShot = FewShot(),  # noqa: B008
-        mutual: MutualScoring | bool = False,
-        tiling: Tiling | bool = False,
+        mutual: MutualScoring = MutualScoring(),  # noqa: B008
+        tiling: Tiling = Tiling(),  # noqa: B008
         feature_cache: FeatureCaching = FeatureCaching(),  # noqa: B008
         normal_quantile: float = DEFAULT_NORMAL_QUANTILE,
         preprocessing: PreprocessingName = "reference",

@@ -112,6 +112,7 @@ class MutualScoring:
     the model's arguments (``mutual.fraction``, ...).
 
     Args:
+        enabled: score mutually (``--model.mutual true`` for short).
         blocks: visual blocks whose raw patch tokens are compared (one token tensor per block).
         radii: LNAMD neighbourhood sizes (odd).
         fraction: share of the other images whose nearest-patch distances are averaged, in (0, 1].
@@ -123,6 +124,7 @@ class MutualScoring:
         seed: seed of the split of large pools into subsets.
     """
 
+    enabled: bool = False
     blocks: tuple[int, ...] = (6, 12, 18, 24)
     radii: tuple[int, ...] = (1, 3, 5)
     fraction: float = 0.3

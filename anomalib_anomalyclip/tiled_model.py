@@ -58,15 +58,15 @@ class TiledModel:
             return (self.image_size, self.image_size)
         return self.tiling.working_size
 
-    def configure_tiling(self, options: Tiling | None) -> None:
-        """Tile with ``options`` (their tile size and stride, or the input size; ``None``: untiled).
+    def configure_tiling(self, options: Tiling) -> None:
+        """Tile as ``options`` say when enabled (their tile size and stride; the input size by default).
 
-        A ``Tiler`` set later (:attr:`tiler`) keeps the working size and fusion of ``options``.
+        A ``Tiler`` set later (:attr:`tiler`) switches tiling on with its tiles and the working size and fusion of
+        ``options``.
         """
-        self.tiling_options = options or Tiling()
-        tile_size = self.tiling_options.tile_size or self.image_size
-        tiling = tiling_config(tile_size, self.tiling_options.stride, self.image_size, options) if options else None
-        self.use_tiling(tiling)
+        self.tiling_options = options
+        tile_size = options.tile_size or self.image_size
+        self.use_tiling(tiling_config(tile_size, options.stride, self.image_size, options) if options.enabled else None)
 
     @property
     def tiler(self) -> Tiler | None:

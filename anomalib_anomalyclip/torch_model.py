@@ -176,7 +176,7 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
             model.use_few_shot(
                 few_shot_settings(config.k_shot, layers, few_shot.tokens, few_shot.fusion, model.feature_layers)
             )
-        if config.mutual is not None:
+        if config.mutual.enabled:
             model.use_mutual_scoring(config.mutual)
         model.configure_tiling(config.tiling)
         return model

@@ -220,7 +220,7 @@ class StudyModels:
                 image_size=self.config.image_size,
                 prompt_weights=str(prompts),
                 k_shot=arguments.get("k_shot", 0),
-                mutual=False if mutual is None else {**mutual, "blocks": blocks},
+                mutual={"enabled": mutual is not None, **(mutual or {}), "blocks": blocks},
                 evaluator=_auroc_evaluator(),
                 visualizer=False,
             )

@@ -245,7 +245,7 @@ def tiled_arguments(input_size: int, tiles: int) -> dict[str, object]:
     side = round(tiles**0.5)
     if side * side != tiles:
         raise ValueError(f"A tiled benchmark flavour takes a square number of tiles, got {tiles}.")
-    return {"tiling": Tiling(working_size=side * input_size)}
+    return {"tiling": Tiling(enabled=True, working_size=side * input_size)}
 
 
 def tiled_cost_lines(rows: Sequence[dict], tiles_of: dict[str, int], baseline: str) -> str:

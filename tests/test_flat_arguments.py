@@ -66,14 +66,12 @@ def test_config_files_of_flat_arguments_upgrade_to_the_same_model(name: str) -> 
     assert config.dpam.start_layer == flat["dpam_start_layer"] == 3
     assert config.prompts.seed == config.few_shot.seed == flat["seed"]
     assert config.k_shot == flat["k_shot"]
+    assert config.mutual.enabled == flat["mutual_scoring"]
+    assert config.tiling.enabled == (flat["tile_size"] is not None)
     if flat["mutual_scoring"]:
-        assert config.mutual == MutualScoring(blocks=(3, 6), pool_size=10, seed=flat["seed"])
-    else:
-        assert config.mutual is None
+        assert config.mutual == MutualScoring(enabled=True, blocks=(3, 6), pool_size=10, seed=flat["seed"])
     if flat["tile_size"]:
-        assert config.tiling == Tiling(tile_size=56, working_size=112)
-    else:
-        assert config.tiling is None
+        assert config.tiling == Tiling(enabled=True, tile_size=56, working_size=112)
 
 
 def test_old_flags_are_rewritten_with_one_note_each() -> None:
@@ -82,20 +80,31 @@ def test_old_flags_are_rewritten_with_one_note_each() -> None:
          "--model.tile_working_size", "[112, 112]", "--model.feature_cache", "false", "--data", "images"]
     )  # fmt: skip
     assert args == [
-        "predict", "--model", "AnomalyCLIP", "--model.mutual", "true", "--model.mutual.pool_size", "10",
+        "predict", "--model", "AnomalyCLIP", "--model.mutual.enabled", "true", "--model.mutual.pool_size", "10",
         "--model.tiling.working_size", "[112, 112]", "--model.feature_cache.enabled", "false", "--data", "images",
     ]  # fmt: skip
     assert notes == [
-        "--model.mutual_scoring is now --model.mutual",
+        "--model.mutual_scoring is now --model.mutual.enabled",
         "--model.mutual_pool_size is now --model.mutual.pool_size",
         "--model.tile_working_size is now --model.tiling.working_size",
         "--model.feature_cache is now --model.feature_cache.enabled",
     ]
 
 
-def test_mutual_values_without_mutual_scoring_never_counted_and_stay_off() -> None:
-    args, _ = upgrade_command_line(["test", "--model", "AnomalyCLIP", "--model.mutual_fraction", "0.5"])
-    assert args == ["test", "--model", "AnomalyCLIP"]
+def test_the_short_switches_stand_for_enabled() -> None:
+    args, notes = upgrade_command_line(
+        ["test", "--model", "AnomalyCLIP", "--model.mutual", "true", "--model.tiling=false"]
+    )
+    assert args == [
+        "test",
+        "--model",
+        "AnomalyCLIP",
+        "--model.mutual.enabled",
+        "true",
+        "--model.tiling.enabled",
+        "false",
+    ]
+    assert notes == []
 
 
 def test_other_models_command_lines_are_left_alone() -> None:

@@ -194,7 +194,7 @@ def test_bad_settings_fail_at_construction_with_a_clear_message(
 ) -> None:
     with pytest.raises(AnomalyCLIPError, match=message), caplog.at_level(logging.ERROR):
         AnomalyCLIP(pretrained=str(tiny_clip_path), image_size=56, prompt_weights=str(tiny_prompt_path),
-                    mutual=arguments)  # fmt: skip
+                    mutual={"enabled": True, **arguments})  # fmt: skip
     assert "mutual" in caplog.text or "LNAMD" in caplog.text  # logged plainly for anomalib's command line
 
 

@@ -32,7 +32,7 @@ from anomalib_anomalyclip.tiling import (
 
 SIZE = 56
 WORKING = (140, 168)  # 3 x 4 tiles at stride 42 (flush last tiles), 12 tiles in all
-TILED = {"tiling": Tiling(tile_size=SIZE, stride=42, working_size=WORKING)}
+TILED = {"tiling": Tiling(enabled=True, tile_size=SIZE, stride=42, working_size=WORKING)}
 
 
 def _model(clip: Path, prompts: Path, **kwargs) -> AnomalyCLIP:
@@ -77,10 +77,10 @@ def test_tiles_are_crops_that_join_back_as_anomalibs_untile_does() -> None:
     ("arguments", "message"),
     [
         ({"tile_size": 64}, "tile_size 64x64 differs from the model's input size 56"),
-        ({"tiling": {"stride": 70}}, "stride 70x70 is larger than the tile"),
-        ({"tiling": {"working_size": [48, 300]}}, "working resolution 48x300 is smaller than a tile"),
+        ({"tiling": {"enabled": True, "stride": 70}}, "stride 70x70 is larger than the tile"),
+        ({"tiling": {"enabled": True, "working_size": [48, 300]}}, "working resolution 48x300 is smaller than a tile"),
         ({"tiling": {"fusion": "median"}}, "tiling.fusion must be one of"),
-        ({"tiling": True, "mutual": {"blocks": [3, 6]}}, "Tiling and mutual scoring do not"),
+        ({"tiling": True, "mutual": {"enabled": True, "blocks": [3, 6]}}, "Tiling and mutual scoring do not"),
     ],
 )
 def test_bad_tiling_is_refused_at_construction(
@@ -96,7 +96,7 @@ def test_anomalibs_tiler_callback_sets_the_tiling_of_the_model_arguments(
 ) -> None:
     by_arguments = _model(clip_path, tiny_prompt_path, **TILED)
     by_callback = _model(clip_path, tiny_prompt_path, tiling={"working_size": list(WORKING)})
-    assert by_callback.model.tiling.stride == (SIZE, SIZE)  # the group alone: tiles of the input size, no overlap
+    assert by_callback.model.tiler is None and by_callback.pre_processor.image_size == [SIZE, SIZE]
     TilerConfigurationCallback(enable=True, tile_size=SIZE, stride=42).setup(None, by_callback)
     assert by_callback.model.tiling == by_arguments.model.tiling
     assert isinstance(by_callback.model.tiler, Tiler) and by_callback.model.tiler.stride_h == 42
