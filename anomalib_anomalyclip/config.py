@@ -17,6 +17,7 @@ both use it (see :data:`FLAT_ARGUMENTS` for each old name's new spelling).
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -50,6 +51,8 @@ __all__ = [
 TileFusionName = Literal["mean", "max", "tiles"]
 StorageDtypeName = Literal["float32", "float16"]
 DEFAULT_SEED = 111  # the reference implementation's seed
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigurationError(AnomalyCLIPError, ValueError):
@@ -300,6 +303,8 @@ class AnomalyCLIPConfig:
                 f"images), got {self.normal_quantile}."
             )
         _check_choice(self.preprocessing, ("reference", "fast"), "preprocessing")
+        for name in SWITCHED:
+            _warn_when_set_but_off(name, getattr(self, name))
 
     @classmethod
     def from_arguments(cls, **arguments: Any) -> AnomalyCLIPConfig:
@@ -399,6 +404,21 @@ def _merged(given: Any, values: dict[str, Any]) -> Any:
     if given is None:
         return dict(values)
     return replace(given, **values)
+
+
+def _warn_when_set_but_off(name: str, group: Any) -> None:
+    """Log that a switched-off group's settings do nothing (its seed aside: flat ``seed`` values seed it always)."""
+    defaults = type(group)()
+    changed = [
+        item.name
+        for item in fields(group)
+        if item.name != "seed" and getattr(group, item.name) != getattr(defaults, item.name)
+    ]
+    if not group.enabled and changed:
+        logger.warning(
+            "%s.%s given, but %s is off: switch it on with --model.%s true (or %s: {enabled: true}).",
+            name, "/".join(changed), name, name, name,
+        )  # fmt: skip
 
 
 def flat_argument_notes(arguments: Mapping[str, Any], prefix: str = "") -> list[str]:
