@@ -87,7 +87,9 @@ def app(batch: dict[str, Path], tiny_clip_path: Path, browser: object) -> Iterat
     """The app started as a user starts it, and the seconds until its page was usable in the browser."""
     port = _free_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "GRADIO_TEMP_DIR": str(batch["root"] / "gradio")}
-    command = [sys.executable, "-m", "anomalib_anomalyclip.app.cli", "--port", str(port)]
+    script = Path(sys.executable).with_name("anomalyclip-app")  # installed by `pip install -e .[dev]`
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "anomalib_anomalyclip.app.cli"]
+    command += ["--port", str(port)]
     command += ["--workdir", str(batch["root"] / "work"), *_model_words(tiny_clip_path, batch["prompts"])]
     log = (batch["root"] / "app.log").open("w")
     started = time.perf_counter()

@@ -272,7 +272,7 @@ class BatchScorer:
 
     @staticmethod
     def _command_line(words: list[str]) -> Any:
-        """anomalib's command line built (not run) from ``words``; its one-line error as an exception."""
+        """Anomalib's command line built (not run) from ``words``; its one-line error as an exception."""
         from anomalib.cli import AnomalibCLI
 
         register()  # the short model names, also when anomalib was first imported by this module
