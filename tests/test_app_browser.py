@@ -65,7 +65,10 @@ def _free_port() -> int:
 
 
 def _model_words(tiny_clip_path: Path, prompts: Path) -> list[str]:
-    return ["--model.pretrained", str(tiny_clip_path), "--model.prompt_weights", str(prompts), "--model.image_size", IMAGE_SIZE]
+    return [
+        "--model.pretrained", str(tiny_clip_path), "--model.prompt_weights", str(prompts),
+        "--model.image_size", IMAGE_SIZE,
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +139,8 @@ def _upload(page: object, element: str, files: list[Path]) -> None:
 def _run(page: object, expected_rows: int | None) -> None:
     page.locator("#run").click()
     page.get_by_text("Running:").first.wait_for(timeout=30_000)  # progress while the batch is scored
-    page.locator("#status").get_by_text("Done:").or_(page.locator("#status").get_by_text("Nothing was scored")).wait_for(
-        timeout=RUN_TIMEOUT_MS
-    )
+    status = page.locator("#status")
+    status.get_by_text("Done:").or_(status.get_by_text("Nothing was scored")).wait_for(timeout=RUN_TIMEOUT_MS)
     if expected_rows is not None:
         page.locator("#results tr[data-score]").nth(expected_rows - 1).wait_for()
 

@@ -42,7 +42,8 @@ def test_decisions_follow_the_threshold_with_the_models_margin(tmp_path: Path) -
     Image.new("RGB", (4, 4)).save(overlay)
     images = [ScoredImage("a.png", tmp_path / "a.png", 0.7, "anomalous", overlay)]
     with write_predictions_csv(images, 0.8, tmp_path / "out").open() as file:
-        assert list(csv.DictReader(file)) == [{"path": str(tmp_path / "a.png"), "score": "0.700000", "decision": "normal"}]
+        rows = list(csv.DictReader(file))
+    assert rows == [{"path": str(tmp_path / "a.png"), "score": "0.700000", "decision": "normal"}]
     assert write_overlay_zip(images, tmp_path / "out").stat().st_size > 0
 
 

@@ -35,7 +35,8 @@ def histogram_svg(scores: Sequence[float], threshold: float, bins: int = 20) -> 
     line_x = _MARGIN + plot_width * min(max(threshold, 0.0), 1.0)
     axis_y = _MARGIN + plot_height
     return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {_WIDTH} {_HEIGHT}" width="{_WIDTH}" height="{_HEIGHT}" role="img" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {_WIDTH} {_HEIGHT}" width="{_WIDTH}" '
+        f'height="{_HEIGHT}" role="img" '
         f'aria-label="Histogram of {len(scores)} scores, threshold {threshold:.3f}">'
         + "".join(bars)
         + f'<line x1="{_MARGIN}" y1="{axis_y}" x2="{_WIDTH - _MARGIN}" y2="{axis_y}" stroke="#555"/>'

@@ -43,7 +43,9 @@ def build_page(scorer: BatchScorer) -> Any:
         result = gr.State(None)
         with gr.Row():
             with gr.Column():
-                images = gr.File(label="Images to inspect", file_count="multiple", file_types=["image"], elem_id="images")
+                images = gr.File(
+                    label="Images to inspect", file_count="multiple", file_types=["image"], elem_id="images"
+                )
                 folder = gr.Textbox(label="...or a folder of images on this computer", elem_id="folder")
             with gr.Column():
                 references = gr.File(

@@ -17,6 +17,7 @@ import contextlib
 import csv
 import io
 import itertools
+import json
 import shutil
 import threading
 from collections.abc import Sequence
@@ -262,7 +263,7 @@ class BatchScorer:
     def _predict(self, words: list[str], key: str, progress: BatchProgress) -> Path:
         """Build the run with anomalib's command line and run its engine's ``predict``; the results folder."""
         _PROGRESS[key] = progress
-        callback = f'{{"class_path": "{ProgressCallback.__module__}.ProgressCallback", "init_args": {{"key": "{key}"}}}}'
+        callback = json.dumps({"class_path": f"{__name__}.ProgressCallback", "init_args": {"key": key}})
         try:
             cli = self._command_line([*words, "--trainer.callbacks+", callback])
             cli.engine.predict(**cli._prepare_subcommand_kwargs("predict"))
