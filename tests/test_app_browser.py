@@ -214,7 +214,7 @@ def test_zero_shot_batch_matches_anomalib_predict_and_the_threshold_relabels(
     with page.expect_download() as download:
         page.locator("#csv a").first.click()
     download.value.save_as(page_csv)
-    assert sorted(decision for decision, in ((row[1],) for row in _scores_by_name(page_csv).values())) == sorted(
+    assert sorted(decision for (decision,) in ((row[1],) for row in _scores_by_name(page_csv).values())) == sorted(
         decisions
     )
     with page.expect_download() as download:

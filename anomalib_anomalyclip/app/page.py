@@ -176,4 +176,3 @@ def _problems(result: BatchResult) -> str:
         lines.append(f"{len(result.bad_files)} file(s) not scored:")
         lines += [f"- `{name}`: {html.escape(message)}" for name, message in result.bad_files]
     return "\n".join(lines)
-
