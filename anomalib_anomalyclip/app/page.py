@@ -1,9 +1,10 @@
 """The page: a batch of images in, a gallery sorted by score, a threshold chosen by looking, downloads out.
 
 Built with Gradio's ``Blocks``. The Run button starts the batch in a worker thread (:class:`.service.BatchScorer`)
-and streams its progress to the page; the threshold slider re-labels the gallery, the table, the histogram and the
-CSV without running the model again. Nothing is loaded from the internet: the theme uses the system's fonts, the
-histogram is an inline SVG, and Gradio's analytics are off (:func:`launch`).
+and streams its progress to the page; the threshold slider re-labels the gallery (a table of names, scores,
+decisions and overlays), the histogram and the CSV without running the model again. Nothing is loaded from the
+internet: the theme uses the system's fonts, the histogram is an inline SVG, and Gradio's analytics are off
+(:mod:`.cli`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ..data.images import list_image_files
 from ..errors import AnomalyCLIPError
@@ -28,9 +30,10 @@ POLL_SECONDS = 0.25
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif")
 MONO_FONTS = ("ui-monospace", "SFMono-Regular", "Menlo", "monospace")
 CSS = """
-#results table { border-collapse: collapse; width: 100%; }
-#results td, #results th { padding: 2px 8px; text-align: left; }
-#results tr.anomalous td.decision { color: #d62728; font-weight: 600; }
+#gallery table { border-collapse: collapse; width: 100%; }
+#gallery td, #gallery th { padding: 2px 8px; text-align: left; vertical-align: middle; }
+#gallery img { height: 120px; }
+#gallery tr.anomalous td.decision { color: #d62728; font-weight: 600; }
 """
 
 
@@ -61,16 +64,13 @@ def build_page(scorer: BatchScorer) -> Any:
         problems = gr.Markdown("", elem_id="problems")
         threshold = gr.Slider(0.0, 1.0, value=MODEL_THRESHOLD, step=0.001, label="Threshold", elem_id="threshold")
         histogram = gr.HTML(histogram_svg([], MODEL_THRESHOLD), elem_id="histogram")
-        gallery = gr.Gallery(
-            label="Overlays, highest score first", columns=2, object_fit="contain", height="auto", elem_id="gallery"
-        )
-        table = gr.HTML("", elem_id="results")
+        gallery = gr.HTML("", elem_id="gallery")
         with gr.Row():
             csv_file = gr.File(label="predictions.csv", elem_id="csv")
             zip_file = gr.File(label="overlays.zip", elem_id="zip")
 
         references.change(_describe_references, references, k_shot)
-        shown = [gallery, table, histogram, csv_file]
+        shown = [gallery, histogram, csv_file]
         run.click(
             functools.partial(_run, scorer),
             [images, folder, references, mutual, tiling, threshold],
@@ -127,40 +127,43 @@ def _run(
 
 
 def _relabel(result: BatchResult | None, threshold: float) -> tuple[Any, ...]:
-    """The gallery, table, histogram and CSV at a new threshold (the model is not run again)."""
+    """The gallery, histogram and CSV at a new threshold (the model is not run again)."""
     return _shown(result, threshold)
 
 
-def _shown(result: BatchResult | None, threshold: float) -> tuple[Any, Any, str, str | None]:
+def _shown(result: BatchResult | None, threshold: float) -> tuple[str, str, str | None]:
+    """The gallery, the histogram and the CSV file at ``threshold``."""
     images = sorted(result.images, key=lambda image: -image.score) if result else []
-    gallery = [
-        (str(image.overlay), f"{image.name} · {image.score:.4f} · {decision(image.score, threshold)}")
-        for image in images
-        if image.overlay is not None
-    ]
     csv_path = str(write_predictions_csv(images, threshold, result.folder / "page")) if images else None
-    return gallery, _table(images, threshold), histogram_svg([image.score for image in images], threshold), csv_path
+    return _gallery(images, threshold), histogram_svg([image.score for image in images], threshold), csv_path
 
 
 def _overlay_zip(result: BatchResult) -> str | None:
     return str(write_overlay_zip(result.images, result.folder / "page")) if result.images else None
 
 
-def _table(images: Sequence[ScoredImage], threshold: float) -> str:
+def _gallery(images: Sequence[ScoredImage], threshold: float) -> str:
+    """One row per image, highest score first: rank, name, score, decision, and the run's overlay picture."""
     if not images:
         return ""
     rows = []
     for rank, image in enumerate(images, start=1):
         label = decision(image.score, threshold)
+        picture = f'<img src="{_file_url(image.overlay)}" alt="overlay of {html.escape(image.name)}">'
         rows.append(
             f'<tr class="{label}" data-name="{html.escape(image.name)}" data-score="{image.score:.6f}">'
             f'<td>{rank}</td><td class="name">{html.escape(image.name)}</td><td class="score">{image.score:.6f}</td>'
-            f'<td class="decision">{label}</td></tr>'
+            f'<td class="decision">{label}</td><td>{picture if image.overlay else ""}</td></tr>'
         )
     anomalous = sum(decision(image.score, threshold) == "anomalous" for image in images)
-    head = "<tr><th>#</th><th>image</th><th>score</th><th>decision</th></tr>"
+    head = "<tr><th>#</th><th>image</th><th>score</th><th>decision</th><th>image, anomaly map, mask</th></tr>"
     caption = f"<caption>{anomalous} of {len(images)} anomalous at threshold {threshold:.3f}</caption>"
     return f"<table>{caption}{head}{''.join(rows)}</table>"
+
+
+def _file_url(path: Path | None) -> str:
+    """The address at which Gradio serves a file of the work folder (relative to the page)."""
+    return f"gradio_api/file={quote(str(path))}"
 
 
 def _summary(result: BatchResult) -> str:
