@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from test_cli_end_to_end import anomalib_cli
+from test_cli_end_to_end import _free_local_port, anomalib_cli
 
 from anomalib_anomalyclip.testing import make_mvtec_like_dataset
 
@@ -58,12 +57,6 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "images": images, "references": references, "broken": broken, "prompts": root / "prompts.pt"}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _model_words(tiny_clip_path: Path, prompts: Path) -> list[str]:
     return [
         "--model.pretrained", str(tiny_clip_path), "--model.prompt_weights", str(prompts),
@@ -88,7 +81,7 @@ def browser() -> Iterator[object]:
 @pytest.fixture(scope="module")
 def app(batch: dict[str, Path], tiny_clip_path: Path, browser: object) -> Iterator[dict[str, object]]:
     """The app started as a user starts it, and the seconds until its page was usable in the browser."""
-    port = _free_port()
+    port = _free_local_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "GRADIO_TEMP_DIR": str(batch["root"] / "gradio")}
     script = Path(sys.executable).with_name("anomalyclip-app")  # installed by `pip install -e .[dev]`
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "anomalib_anomalyclip.app.cli"]

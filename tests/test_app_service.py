@@ -129,3 +129,20 @@ def test_anomalib_gradio_tool_calls_work_with_an_exported_model(
         score = float(np.asarray(predictions.pred_score).reshape(-1)[0])
         # OpenVINO's default precision is bf16 on CPUs that have it: the tool's scores then move by up to 1e-2.
         assert score == pytest.approx(expected, abs=1e-6 if kind == "torch" else 2e-2), kind
+
+
+@pytest.mark.slow
+def test_wrong_model_arguments_stop_the_app_with_the_packages_message(tmp_path: Path, tiny_clip_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from test_cli_end_to_end import _free_local_port
+
+    port = str(_free_local_port())
+    command = [sys.executable, "-m", "anomalib_anomalyclip.app.cli", "--port", port, "--workdir", str(tmp_path)]
+    command += ["--model.pretrained", str(tiny_clip_path), "--model.prompt_weights", "missing.pt"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "ERROR: AnomalyCLIP cannot start" in result.stderr
+    assert "no file 'missing.pt'" in result.stderr
+    assert "Traceback" not in result.stderr

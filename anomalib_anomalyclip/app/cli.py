@@ -7,14 +7,16 @@ Examples::
     anomalyclip-app --model ExportedAnomalyCLIP --model.path weights/openvino/model.xml
 
 The app's own options are ``--host``, ``--port`` and ``--workdir``; every other argument is passed to anomalib's
-command line as it is (``--model.*``, ``--ckpt_path``, ``--trainer.accelerator``...). The model is built once at
-start-up, so wrong arguments stop the app with the package's message before the page is served.
+command line as it is (``--model.*``, ``--ckpt_path``, ``--trainer.accelerator``...). The page is served at once, and
+the model is built once while it loads (anomalib's command line takes most of the start-up): wrong arguments stop
+the app with the package's message before any run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,17 +41,26 @@ def parse_arguments(argv: Sequence[str] | None = None) -> tuple[argparse.Namespa
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Check the model arguments by building the model, then serve the page until interrupted."""
+    """Serve the page, check the model arguments by building the model, then serve until interrupted."""
     for name, value in OFFLINE_GRADIO.items():
         os.environ.setdefault(name, value)
     options, model_words = parse_arguments(argv)
+    from ..errors import AnomalyCLIPError
     from .page import build_page, launch
     from .service import BatchScorer, ModelArguments
 
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="anomalyclip-app-"))
     scorer = BatchScorer(ModelArguments(tuple(model_words)), workdir)
-    scorer.check()
-    launch(build_page(scorer), options.host, options.port, workdir)
+    page = build_page(scorer)
+    launch(page, options.host, options.port, workdir)
+    try:
+        scorer.check()
+    except AnomalyCLIPError as error:  # the arguments cannot make a run: the package's message, no traceback
+        page.close()
+        sys.stderr.write(f"ERROR: {error}\n")
+        raise SystemExit(1) from None
+    print("The model is ready.", flush=True)
+    page.block_thread()
 
 
 if __name__ == "__main__":

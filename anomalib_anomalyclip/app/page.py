@@ -81,12 +81,18 @@ def build_page(scorer: BatchScorer) -> Any:
 
 
 def launch(page: Any, host: str, port: int, workdir: Path) -> None:
-    """Serve ``page`` on ``host:port`` until interrupted, offline (system fonts, no analytics)."""
+    """Start serving ``page`` on ``host:port`` in the background, offline (system fonts, no web fonts)."""
     import gradio as gr
 
     theme = gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(MONO_FONTS))
     page.queue().launch(
-        server_name=host, server_port=port, allowed_paths=[str(workdir)], theme=theme, css=CSS, footer_links=[]
+        server_name=host,
+        server_port=port,
+        allowed_paths=[str(workdir)],
+        theme=theme,
+        css=CSS,
+        footer_links=[],
+        prevent_thread_lock=True,
     )
 
 

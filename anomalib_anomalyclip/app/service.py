@@ -171,21 +171,15 @@ class ProgressCallback(Callback):
         self.key = key
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """The encoder has started (mutual scoring has encoded the pool by now)."""
+        """The predict loop has started (the model is built)."""
         del trainer, pl_module
         _PROGRESS[self.key].stage = "Scoring"
 
     def on_predict_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *_: int
     ) -> None:
-        """Count the batch's images."""
-        del trainer, pl_module, outputs, batch_idx, dataloader_idx
+        """Count the batch's images (after ``batch``: the batch and dataloader indices)."""
+        del trainer, pl_module, outputs
         _PROGRESS[self.key].done += len(batch.image_path)
 
 
@@ -282,9 +276,7 @@ class BatchScorer:
             with contextlib.redirect_stderr(errors):
                 return AnomalibCLI(words, run=False)
         except SystemExit as stop:
-            lines = [line for line in errors.getvalue().splitlines() if line.strip()]
-            message = next((line for line in lines if line.startswith("ERROR: ")), lines[-1] if lines else "")
-            raise AppSetupError(message.removeprefix("ERROR: ") or f"The run could not start ({stop}).") from None
+            raise AppSetupError(_error_report(errors.getvalue()) or f"The run could not start ({stop}).") from None
 
 
 def read_predictions(folder: Path) -> list[ScoredImage]:
@@ -302,6 +294,13 @@ def read_predictions(folder: Path) -> list[ScoredImage]:
         )
         for row in rows
     ]
+
+
+def _error_report(output: str) -> str:
+    """The error that anomalib's command line printed (the package's ``ERROR:`` or jsonargparse's ``error:``)."""
+    lines = output.splitlines()
+    start = next((index for index, line in enumerate(lines) if line.lower().startswith("error: ")), None)
+    return "" if start is None else "\n".join(lines[start:]).strip()[len("error: ") :]
 
 
 def _staged(files: Sequence[Path], folder: Path, bad_files: list[tuple[str, str]]) -> list[Path]:
