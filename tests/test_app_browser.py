@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -129,9 +129,10 @@ def _upload(page: object, element: str, files: list[Path]) -> None:
         page.locator(f"#{element}").get_by_text(path.stem, exact=True).first.wait_for(timeout=30_000)
 
 
-def _run(page: object, expected_rows: int | None) -> None:
+def _run(page: object, expected_rows: int | None, while_running: Callable[[], None] = lambda: None) -> None:
     page.locator("#run").click()
     page.get_by_text("Running:").first.wait_for(timeout=30_000)  # progress while the batch is scored
+    while_running()
     status = page.locator("#status")
     status.get_by_text("Done:").or_(status.get_by_text("Nothing was scored")).wait_for(timeout=RUN_TIMEOUT_MS)
     if expected_rows is not None:
@@ -146,11 +147,12 @@ def _rows(page: object) -> list[tuple[str, float, str]]:
     ]
 
 
-def _set_threshold(page: object, value: float) -> None:
+def _set_threshold(page: object, value: float, caption: bool = True) -> None:
     box = page.locator("#threshold input[type=number]")
     box.fill(f"{value:.3f}")
     box.press("Enter")
-    page.locator("#gallery caption").get_by_text(f"threshold {value:.3f}").wait_for()
+    if caption:
+        page.locator("#gallery caption").get_by_text(f"threshold {value:.3f}").wait_for()
 
 
 def _images(batch: dict[str, Path]) -> list[Path]:
@@ -173,7 +175,15 @@ def test_zero_shot_batch_matches_anomalib_predict_and_the_threshold_relabels(
     images = _images(batch)
     assert len(images) == 8
     _upload(page, "images", images)
-    _run(page, expected_rows=8)
+
+    def page_answers_while_scoring() -> None:
+        _set_threshold(page, 0.7, caption=False)
+        page.locator("#histogram").get_by_text("threshold 0.700").wait_for(timeout=5_000)
+        assert "Running:" in page.locator("#status").inner_text()
+
+    _run(page, expected_rows=8, while_running=page_answers_while_scoring)
+    page.locator("#gallery caption").get_by_text("threshold 0.700").wait_for()  # the slider's value when it ended
+    _set_threshold(page, 0.5)
     assert "zero-shot" in page.locator("#status").inner_text()
     rows = _rows(page)
     assert sorted(name for name, _, _ in rows) == sorted(path.name for path in images)

@@ -24,6 +24,18 @@ from anomalib_anomalyclip.testing import make_mvtec_like_dataset
 IMAGE_SIZE = 56
 
 
+def test_the_page_is_served_before_torch_is_imported() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, anomalib_anomalyclip.app.cli, anomalib_anomalyclip.app.page; "
+        "print(','.join(m for m in ('torch', 'lightning', 'anomalib', 'gradio') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
 def test_model_arguments_are_those_of_anomalib_predict() -> None:
     zero_shot = ModelArguments(("--model.prompt_weights", "anomalyclip-mvtec", "--model.image_size", "336"))
     assert zero_shot.predict_words()[:3] == ["predict", "--model", "AnomalyCLIP"]

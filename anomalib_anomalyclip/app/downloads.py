@@ -12,8 +12,6 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..callbacks import CSV_COLUMNS, PREDICTIONS_CSV
-from ..post_processor import DECISION_MARGIN
 from .service import ScoredImage
 
 __all__ = ["MODEL_THRESHOLD", "OVERLAYS_ZIP", "decision", "write_overlay_zip", "write_predictions_csv"]
@@ -25,11 +23,15 @@ OVERLAYS_ZIP = "overlays.zip"
 
 def decision(score: float, threshold: float) -> str:
     """``anomalous`` when ``score`` exceeds ``threshold`` by more than the model's decision margin, else ``normal``."""
+    from ..post_processor import DECISION_MARGIN  # here: the page's modules import no torch before the first run
+
     return "anomalous" if score > threshold + DECISION_MARGIN else "normal"
 
 
 def write_predictions_csv(images: Sequence[ScoredImage], threshold: float, folder: Path) -> Path:
     """``folder/predictions.csv``: one row per image, decisions at ``threshold``; the file."""
+    from ..callbacks import CSV_COLUMNS, PREDICTIONS_CSV
+
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / PREDICTIONS_CSV
     with path.open("w", newline="", encoding="utf-8") as file:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ..data.images import list_image_files
 from ..errors import AnomalyCLIPError
 from .downloads import MODEL_THRESHOLD, decision, write_overlay_zip, write_predictions_csv
 from .histogram import histogram_svg
@@ -71,12 +70,13 @@ def build_page(scorer: BatchScorer) -> Any:
 
         references.change(_describe_references, references, k_shot)
         shown = [gallery, histogram, csv_file]
-        run.click(
+        # The run clears the results, then shows them at the slider's value when it ends (it may have moved).
+        run.click(_cleared, None, [result, gallery, csv_file]).then(
             functools.partial(_run, scorer),
-            [images, folder, references, mutual, tiling, threshold],
-            [result, status, problems, *shown, zip_file],
-        )
-        threshold.change(_relabel, [result, threshold], shown, show_progress="hidden")
+            [images, folder, references, mutual, tiling],
+            [result, status, problems, zip_file],
+        ).then(_shown, [result, threshold], shown)
+        threshold.change(_shown, [result, threshold], shown, show_progress="hidden")
     return page
 
 
@@ -108,17 +108,17 @@ def _run(
     references: Sequence[str] | None,
     mutual: bool,
     tiling: bool,
-    threshold: float,
-) -> Iterator[tuple[Any, ...]]:
-    """Score the batch in a worker thread, yielding its progress, then everything the page shows."""
-    unchanged = (None, None, None, None, None)
+) -> Iterator[tuple[Any, str, str, str | None]]:
+    """Score the batch in a worker thread, yielding its progress, then the result, its summary, problems and zip."""
+    from ..data.images import list_image_files
+
     try:
         files = [Path(path) for path in images or []] + (list_image_files(folder.strip()) if folder.strip() else [])
     except (AnomalyCLIPError, FileNotFoundError) as error:
-        yield None, "Nothing was scored.", f"**{error}**", *unchanged
+        yield None, "Nothing was scored.", f"**{error}**", None
         return
     if not files:
-        yield None, "Drop images (or give a folder) first.", "", *unchanged
+        yield None, "Drop images (or give a folder) first.", "", None
         return
     request = BatchRequest(files, [Path(path) for path in references or []], mutual, tiling)
     progress = BatchProgress(stage="Starting")
@@ -126,19 +126,19 @@ def _run(
     worker = threading.Thread(target=lambda: outcome.setdefault("result", scorer.score(request, progress)), daemon=True)
     worker.start()
     while worker.is_alive():
-        yield None, f"Running: {progress.describe()}", "", *unchanged
+        yield None, f"Running: {progress.describe()}", "", None
         time.sleep(POLL_SECONDS)
     result = outcome.get("result") or BatchResult(error="The run stopped unexpectedly (see the terminal).")
-    yield (result, _summary(result), _problems(result), *_shown(result, threshold), _overlay_zip(result))
+    yield result, _summary(result), _problems(result), _overlay_zip(result)
 
 
-def _relabel(result: BatchResult | None, threshold: float) -> tuple[Any, ...]:
-    """The gallery, histogram and CSV at a new threshold (the model is not run again)."""
-    return _shown(result, threshold)
+def _cleared() -> tuple[None, str, None]:
+    """No result, an empty gallery and no CSV (while a run goes on)."""
+    return None, "", None
 
 
 def _shown(result: BatchResult | None, threshold: float) -> tuple[str, str, str | None]:
-    """The gallery, the histogram and the CSV file at ``threshold``."""
+    """The gallery, the histogram and the CSV file at ``threshold`` (the model is not run again)."""
     images = sorted(result.images, key=lambda image: -image.score) if result else []
     csv_path = str(write_predictions_csv(images, threshold, result.folder / "page")) if images else None
     return _gallery(images, threshold), histogram_svg([image.score for image in images], threshold), csv_path

@@ -9,6 +9,9 @@ overlays and ``predictions.csv`` (:class:`~anomalib_anomalyclip.callbacks.Predic
 
 Files that the package's reader cannot use are set aside before the run, each with the package's message
 (:func:`~anomalib_anomalyclip.data.images.image_problem`), and the others are scored.
+
+Importing this module is light (no torch, Lightning or anomalib) so that the page is served at once; they are
+imported by the first run.
 """
 
 from __future__ import annotations
@@ -25,21 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
-
 from .._registry import register
-from ..callbacks import PREDICTIONS_CSV
-from ..data.images import image_problem
 from ..errors import AnomalyCLIPError
 
-__all__ = ["BatchProgress", "BatchRequest", "BatchResult", "BatchScorer", "ModelArguments", "ScoredImage"]
+__all__ = ["RUNNING", "BatchProgress", "BatchRequest", "BatchResult", "BatchScorer", "ModelArguments", "ScoredImage"]
 
 PREDICT_FOLDER = "anomalib_anomalyclip.data.PredictFolder"
 DEFAULT_MODEL = "AnomalyCLIP"
 EXPORTED_MODEL = "ExportedAnomalyCLIP"
 
-_PROGRESS: dict[str, BatchProgress] = {}
-"""The progress of the running batches, by key, for :class:`ProgressCallback` (built by jsonargparse from its key)."""
+RUNNING: dict[str, BatchProgress] = {}
+"""The progress of the running batches, by key, for :class:`.progress.ProgressCallback` (anomalib's command line
+builds it from its class path and key)."""
 
 
 class AppSetupError(AnomalyCLIPError, ValueError):
@@ -160,29 +160,6 @@ class BatchProgress:
         return f"{self.stage}: {self.done} / {self.total} images" if self.total else self.stage
 
 
-class ProgressCallback(Callback):
-    """Counts the predicted images of a run into its :class:`BatchProgress` (found by ``key``).
-
-    Args:
-        key: The run's key in the progress table.
-    """
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """The predict loop has started (the model is built)."""
-        del trainer, pl_module
-        _PROGRESS[self.key].stage = "Scoring"
-
-    def on_predict_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *_: int
-    ) -> None:
-        """Count the batch's images (after ``batch``: the batch and dataloader indices)."""
-        del trainer, pl_module, outputs
-        _PROGRESS[self.key].done += len(batch.image_path)
-
-
 class BatchScorer:
     """Runs ``anomalib predict`` on batches of images for the page, one batch at a time.
 
@@ -256,13 +233,13 @@ class BatchScorer:
 
     def _predict(self, words: list[str], key: str, progress: BatchProgress) -> Path:
         """Build the run with anomalib's command line and run its engine's ``predict``; the results folder."""
-        _PROGRESS[key] = progress
-        callback = json.dumps({"class_path": f"{__name__}.ProgressCallback", "init_args": {"key": key}})
+        RUNNING[key] = progress
+        callback = json.dumps({"class_path": f"{__package__}.progress.ProgressCallback", "init_args": {"key": key}})
         try:
             cli = self._command_line([*words, "--trainer.callbacks+", callback])
             cli.engine.predict(**cli._prepare_subcommand_kwargs("predict"))
         finally:
-            _PROGRESS.pop(key, None)
+            RUNNING.pop(key, None)
         return Path(cli.engine.trainer.default_root_dir)
 
     @staticmethod
@@ -281,6 +258,8 @@ class BatchScorer:
 
 def read_predictions(folder: Path) -> list[ScoredImage]:
     """The rows of a run's ``predictions.csv`` (in a run's results ``folder``) with their overlays (``images/``)."""
+    from ..callbacks import PREDICTIONS_CSV
+
     overlays = {path.name: path for path in (folder / "images").rglob("*") if path.is_file()}
     with (folder / PREDICTIONS_CSV).open(newline="", encoding="utf-8") as file:
         rows = list(csv.DictReader(file))
@@ -308,6 +287,8 @@ def _staged(files: Sequence[Path], folder: Path, bad_files: list[tuple[str, str]
 
     Unreadable files are added to ``bad_files`` with the package's message, and left out.
     """
+    from ..data.images import image_problem
+
     folder.mkdir(parents=True, exist_ok=True)
     staged: list[Path] = []
     for index, source in enumerate(Path(file) for file in files):
