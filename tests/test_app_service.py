@@ -99,6 +99,19 @@ def _model_words(tiny_clip_path: Path, workspace: Path) -> tuple[str, ...]:
     )  # fmt: skip
 
 
+def test_tiling_switch_tiles_with_the_models_input_size(workspace: Path, tiny_clip_path: Path) -> None:
+    images = sorted((workspace / "images").glob("*.png"))
+    scorer = BatchScorer(ModelArguments(_model_words(tiny_clip_path, workspace)), workspace / "work_tiling")
+    scorer.check()
+    untiled = {image.name: image.score for image in scorer.score(BatchRequest(images)).images}
+    result = scorer.score(BatchRequest(images, tiling=True))
+    assert not result.error
+    assert "tile_size: 56" in (result.folder / "config.yaml").read_text()  # the run's saved configuration
+    tiled = {image.name: image.score for image in result.images}
+    assert tiled.keys() == untiled.keys()
+    assert tiled != untiled
+
+
 @pytest.mark.slow
 def test_an_exported_model_scores_the_batch_like_the_model(
     workspace: Path, exports: dict[str, Path], tiny_clip_path: Path

@@ -174,15 +174,20 @@ class BatchScorer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._runs = itertools.count(1)
         self._lock = threading.Lock()
+        self._image_size: int | None = None
 
     def check(self) -> None:
         """Build the model once, as a run would, so that wrong arguments stop the app at start-up.
 
-        Errors are printed by anomalib's command line (the package's one-line message) and exit the process.
+        Also notes the model's input size (a checkpoint's, when ``--ckpt_path`` gives one): the tiles' side.
+
+        Raises:
+            AnomalyCLIPError: The arguments cannot make a run (the package's message, or jsonargparse's).
         """
         empty = self.workdir / "start-up-check"
         empty.mkdir(exist_ok=True)
-        self._command_line([*self.arguments.predict_words(), "--data", PREDICT_FOLDER, "--data.path", str(empty)])
+        cli = self._command_line([*self.arguments.predict_words(), "--data", PREDICT_FOLDER, "--data.path", str(empty)])
+        self._image_size = getattr(cli.model, "hparams", {}).get("image_size")
 
     def score(self, request: BatchRequest, progress: BatchProgress | None = None) -> BatchResult:
         """Score ``request``'s images (a run of the model's ``predict``); problems come back in the result.
@@ -221,7 +226,8 @@ class BatchScorer:
         if request.mutual_scoring:
             switches += ["--model.mutual_scoring", "true"]
         if request.tiling:
-            switches += ["--model.tile_size", str(self.arguments.image_size() or _default_image_size())]
+            size = self._image_size or self.arguments.image_size() or _default_image_size()
+            switches += ["--model.tile_size", str(size)]
         if switches and self.arguments.exported:
             raise AppSetupError(
                 "An exported model is fixed when it is exported: few-shot references, mutual scoring and tiling "
