@@ -2,7 +2,7 @@
 
 Every run is built by anomalib's own command-line class (``AnomalibCLI`` with ``run=False``) from the model
 arguments the app was started with, plus what the page chose: the references as a few-shot source
-(``--model.k_shot``, ``--model.few_shot_source``), ``--model.mutual_scoring`` and tiling (``--model.tile_size``).
+(``--model.k_shot``, ``--model.few_shot.source``), ``--model.mutual.enabled`` and ``--model.tiling.enabled``.
 The images go through :class:`~anomalib_anomalyclip.data.PredictFolder`, and the engine's ``predict`` writes the
 overlays and ``predictions.csv`` (:class:`~anomalib_anomalyclip.callbacks.PredictionCsvWriter`) as it does for
 ``anomalib predict``; the page reads that file. Nothing of the scoring is repeated here.
@@ -77,13 +77,6 @@ class ModelArguments:
         """``predict`` with the model's arguments (``--model AnomalyCLIP`` first when no model is named)."""
         named = any(word == "--model" or word.startswith("--model=") for word in self.words)
         return ["predict", *([] if named else ["--model", DEFAULT_MODEL]), *self.words]
-
-    def image_size(self) -> int | None:
-        """``--model.image_size`` when given (the tile side of the tiling switch)."""
-        for word, following in itertools.pairwise(self.words):
-            if word == "--model.image_size":
-                return int(following)
-        return None
 
 
 @dataclass(frozen=True)
@@ -174,20 +167,16 @@ class BatchScorer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._runs = itertools.count(1)
         self._lock = threading.Lock()
-        self._image_size: int | None = None
 
     def check(self) -> None:
         """Build the model once, as a run would, so that wrong arguments stop the app at start-up.
-
-        Also notes the model's input size (a checkpoint's, when ``--ckpt_path`` gives one): the tiles' side.
 
         Raises:
             AnomalyCLIPError: The arguments cannot make a run (the package's message, or jsonargparse's).
         """
         empty = self.workdir / "start-up-check"
         empty.mkdir(exist_ok=True)
-        cli = self._command_line([*self.arguments.predict_words(), "--data", PREDICT_FOLDER, "--data.path", str(empty)])
-        self._image_size = getattr(cli.model, "hparams", {}).get("image_size")
+        self._command_line([*self.arguments.predict_words(), "--data", PREDICT_FOLDER, "--data.path", str(empty)])
 
     def score(self, request: BatchRequest, progress: BatchProgress | None = None) -> BatchResult:
         """Score ``request``'s images (a run of the model's ``predict``); problems come back in the result.
@@ -222,12 +211,11 @@ class BatchScorer:
         switches = []
         if few_shot:
             switches += ["--model.k_shot", str(len(list((run / "references").iterdir())))]
-            switches += ["--model.few_shot_source", str(run / "references")]
+            switches += ["--model.few_shot.source", str(run / "references")]
         if request.mutual_scoring:
-            switches += ["--model.mutual_scoring", "true"]
+            switches += ["--model.mutual.enabled", "true"]
         if request.tiling:
-            size = self._image_size or self.arguments.image_size() or _default_image_size()
-            switches += ["--model.tile_size", str(size)]
+            switches += ["--model.tiling.enabled", "true"]  # tiles of the model's input size
         if switches and self.arguments.exported:
             raise AppSetupError(
                 "An exported model is fixed when it is exported: few-shot references, mutual scoring and tiling "
@@ -308,12 +296,3 @@ def _staged(files: Sequence[Path], folder: Path, bad_files: list[tuple[str, str]
         shutil.copyfile(source, target)
         staged.append(target)
     return staged
-
-
-def _default_image_size() -> int:
-    """The model's default input size (the tile side when ``--model.image_size`` is not given)."""
-    import inspect
-
-    from ..lightning_model import AnomalyCLIP
-
-    return inspect.signature(AnomalyCLIP.__init__).parameters["image_size"].default
