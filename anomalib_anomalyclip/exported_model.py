@@ -49,7 +49,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from ._registry import expose
-from .pre_processor import resize_image_like_pil, resize_mask_like_pil
+from .resize import resize_image_like_pil, resize_mask_like_pil
 
 __all__ = ["ExportedAnomalyCLIP", "ExportedGraph"]
 

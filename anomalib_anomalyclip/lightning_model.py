@@ -62,10 +62,10 @@ from .loss import GlocalLoss, LossVariant
 from .metrics import anomalyclip_evaluator
 from .pool_scoring import PoolScores, score_run
 from .post_processor import DEFAULT_NORMAL_QUANTILE, ProbabilityPostProcessor
-from .pre_processor import PreprocessingName, clip_pre_processor
+from .pre_processor import PreprocessingName, clip_pre_processor, follow_tiling
 from .prompt_plan import PromptPlan, PromptState, plan_prompts
 from .prompts import PromptType
-from .tiled_model import check_tiled_training, follow_tiling
+from .tiled_model import check_tiled_training
 from .torch_model import AnomalyCLIPModel
 
 logger = logging.getLogger(__name__)

@@ -1,17 +1,17 @@
-"""Tiled inference in the torch model and the Lightning module (the method is in :mod:`.tiling`).
+"""Tiled inference in the torch model (the method is in :mod:`.tiling`).
 
-* :class:`TiledModel` gives :class:`~anomalib_anomalyclip.torch_model.AnomalyCLIPModel` its ``tiler`` (what
-  anomalib's ``TilerConfigurationCallback`` sets), tiled scoring and a few-shot bank of tiles;
-* :func:`follow_tiling` makes the pre-processor resize to the working resolution once tiling is on;
+* :class:`TiledModel` gives :class:`~anomalib_anomalyclip.torch_model.AnomalyCLIPModel` its tiling options, its
+  ``tiler`` (what anomalib's ``TilerConfigurationCallback`` sets) and a few-shot bank of tiles;
 * :func:`check_tiled_training` and :func:`check_tiled_export` refuse what tiling cannot do, saying what to do.
+
+The pre-processor follows the tiling's working resolution (:func:`.pre_processor.follow_tiling`).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from anomalib.data import InferenceBatch
@@ -19,7 +19,6 @@ from anomalib.data import InferenceBatch
 from .config import Tiling
 from .dpam import VisualFeatures
 from .few_shot import FewShotScorer, score_leaving_out
-from .pre_processor import AnomalyCLIPPreProcessor
 from .tiling import (
     TilingConfig,
     TilingError,
@@ -35,9 +34,7 @@ from .tiling import (
 if TYPE_CHECKING:
     from anomalib.data.utils.tiler import Tiler
 
-__all__ = ["TiledModel", "check_tiled_export", "check_tiled_training", "follow_tiling"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["TiledModel", "check_tiled_export", "check_tiled_training"]
 
 
 class TiledModel:
@@ -123,31 +120,6 @@ class TiledModel:
             return score_views(one, size, self.tiling, grid, self.smoothing, text_features, scorer)
 
         return score_leaving_out(self.few_shot, features.global_embedding.shape[0] // views, score_one)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The Lightning side: pre-processor and datasets at the working resolution
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def follow_tiling(module: Any) -> None:
-    """Make an AnomalyCLIP module's pre-processor (and its datamodule's datasets) resize to the working resolution.
-
-    ``TilerConfigurationCallback`` sets the torch model's ``tiler`` in its ``setup``, after the datamodule appended
-    the model's resize to its datasets; this runs in the module's ``setup`` and redoes that with the working
-    resolution. A pre-processor of the user's own is left as it is.
-    """
-    tiling = module.model.tiling
-    if tiling is None:
-        return
-    size = "each image's own size" if tiling.working_size is None else "x".join(map(str, tiling.working_size))
-    logger.info("AnomalyCLIP tiles %s-px tiles every %s px at %s.", tiling.tile_size[0], tiling.stride[0], size)
-    pre_processor = module.pre_processor
-    if not isinstance(pre_processor, AnomalyCLIPPreProcessor) or not pre_processor.resize_to(tiling.working_size):
-        return
-    datamodule = module.trainer.datamodule if getattr(module, "_trainer", None) is not None else None
-    if hasattr(datamodule, "_update_augmentations"):
-        datamodule._update_augmentations()  # anomalib appends the model's resize to every dataset's augmentations
 
 
 def check_tiled_training(tiling: TilingConfig | None) -> None:

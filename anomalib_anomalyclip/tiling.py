@@ -52,7 +52,7 @@ from anomalib.data import InferenceBatch
 from .config import TileFusionName, Tiling
 from .errors import AnomalyCLIPError, parse_choice
 from .few_shot import FewShotScorer, smoothed_outputs
-from .pre_processor import resampling_matrix
+from .resize import resampling_matrix
 from .scoring import GaussianSmoothing, image_scores, summed_anomaly_map
 
 if TYPE_CHECKING:

@@ -19,9 +19,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from anomalib_anomalyclip import AnomalyCLIP
 from anomalib_anomalyclip.config import Tiling
 from anomalib_anomalyclip.errors import AnomalyCLIPError
-from anomalib_anomalyclip.pre_processor import AnomalyCLIPPreProcessor, clip_pre_processor
+from anomalib_anomalyclip.pre_processor import AnomalyCLIPPreProcessor, clip_pre_processor, follow_tiling
 from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
-from anomalib_anomalyclip.tiled_model import check_tiled_export, check_tiled_training, follow_tiling
+from anomalib_anomalyclip.tiled_model import check_tiled_export, check_tiled_training
 from anomalib_anomalyclip.tiling import (
     TileFusion,
     TilingError,
