@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from anomalib.cli import AnomalibCLI
 from anomalib_anomalyclip import AnomalyCLIP
 from anomalib_anomalyclip.cli_support import install
 from anomalib_anomalyclip.config import (
+    GROUPS,
     AnomalyCLIPConfig,
     ConfigurationError,
     FewShot,
@@ -102,3 +106,14 @@ def test_python_callers_of_the_flat_arguments_get_the_same_model_and_the_new_nam
     new = AnomalyCLIP(pretrained=str(tiny_clip_path), image_size=56, mutual={"enabled": True, "pool_size": 12})
     assert old.config == new.config
     assert old.model.mutual == MutualScoring(enabled=True, pool_size=12)
+
+
+def test_every_field_is_documented_and_the_configuration_page_is_up_to_date() -> None:
+    from docstring_parser import parse
+
+    for name, group in GROUPS.items():
+        documented = [param.arg_name for param in parse(group.__doc__).params]
+        assert documented == [field.name for field in dataclasses.fields(group)], name
+    page = Path(__file__).parents[1] / "docs" / "configuration_tables.py"
+    result = subprocess.run([sys.executable, str(page), "--check"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-500:]
