@@ -20,7 +20,6 @@ from anomalib.deploy.export import CompressionType
 from lightning_utilities.core.imports import module_available
 
 from .errors import ExportDataError, ExportUnavailableError
-from .tiled_model import check_tiled_export
 
 if TYPE_CHECKING:
     from anomalib.data import AnomalibDataModule
@@ -46,10 +45,8 @@ def inference_model_in_place(
         input_size: the graph's fixed input size, if any.
     """
     full_model = module.model
-    module.model = full_model.inference_model()
+    module.model = full_model.inference_model(input_size, traced)
     try:
-        if traced:
-            module.model.tiling = check_tiled_export(module.model.tiling, input_size)
         yield
     finally:
         module.model = full_model

@@ -236,7 +236,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         datamodule = self._datamodule()
         category = getattr(datamodule, "category", None)
         if self.config.prompts.class_name is None and isinstance(category, str) and category:
-            self.model.class_name = category
+            self.model.use_class_name(category)
         if stage != TrainerFn.FITTING or not self.prompt_state.learns:
             return
         plan = self._prompt_plan(fitting=True, datamodule=datamodule)

@@ -33,7 +33,7 @@ from .mutual import MutualScoring, MutualScoringError, fuse_with_prompts
 from .mutual import score_pool as score_mutually
 from .prompts import AGNOSTIC_OBJECT, PromptConfig, PromptLearner, PromptTextEncoder, PromptType, save_prompts
 from .scoring import GaussianSmoothing, patch_probability_maps, similarity_logits
-from .tiled_model import TiledModel
+from .tiled_model import TiledModel, check_tiled_export
 from .weights import resolve_prompt_weights
 
 if TYPE_CHECKING:
@@ -426,14 +426,26 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
         """Save the prompts as a prompt file (usable as ``prompt_weights``); returns ``path``."""
         return save_prompts(self.prompt_learner, path)
 
-    def inference_model(self) -> AnomalyCLIPInferenceModel:
+    def inference_model(
+        self, fixed_size: Sequence[int] | None = None, traced: bool = False
+    ) -> AnomalyCLIPInferenceModel:
         """The inference path alone: visual encoder, current text features as constants, smoothing.
 
         Shares the visual encoder and smoothing with this model; holds no prompts and no
         text encoder. This is what gets exported.
+
+        Args:
+            fixed_size: the (height, width) a traced graph takes, if fixed.
+            traced: the model is for a traced graph, where tiling needs a fixed working size
+                (:func:`.tiled_model.check_tiled_export`).
         """
         text_features = self.inference_text_features()
-        return AnomalyCLIPInferenceModel(self.visual_encoder, text_features, self.smoothing, self.few_shot, self.tiling)
+        tiling = check_tiled_export(self.tiling, fixed_size) if traced else self.tiling
+        return AnomalyCLIPInferenceModel(self.visual_encoder, text_features, self.smoothing, self.few_shot, tiling)
+
+    def use_class_name(self, name: str) -> None:
+        """Put ``name`` into object-aware prompts from now on (object-agnostic prompts ignore it)."""
+        self.class_name = name
 
     def remember_references(self, images: torch.Tensor, batch_size: int = 8) -> InferenceBatch | None:
         """Fill the few-shot bank with the patch tokens of normal reference images.
