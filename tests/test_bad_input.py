@@ -200,7 +200,7 @@ def test_training_on_grayscale_rgba_and_16_bit_images(tmp_path: Path, tiny_clip_
     Image.fromarray(gray.astype(np.uint16) * 257).save(good[2])
     model = _training_model(tiny_clip_path)
     _engine(tmp_path / "results").fit(model, datamodule=AuxiliaryDataModule(root=root, num_workers=0))
-    assert model.prompts_ready
+    assert model.prompt_state.ready
 
 
 def test_setup_errors_are_logged_plainly(

@@ -26,6 +26,7 @@ from anomalib_anomalyclip.export import ExportUnavailableError
 from anomalib_anomalyclip.exported_model import DEFAULT_OPENVINO_CONFIG
 from anomalib_anomalyclip.inference_model import AnomalyCLIPInferenceModel
 from anomalib_anomalyclip.lightning_model import PromptsUnavailableError
+from anomalib_anomalyclip.prompt_plan import PromptState
 from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
 from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
@@ -78,7 +79,7 @@ def checkpoint(workspace: Path, clip_path: Path, model: AnomalyCLIP) -> Path:
     """A Lightning checkpoint whose prompts exist only in the checkpoint (as after prompt training)."""
     trained = AnomalyCLIP(pretrained=str(clip_path), **MODEL_ARGS)
     trained.model.prompt_learner.load_state_dict(model.model.prompt_learner.state_dict())
-    trained.prompts_ready, trained.learns_prompts = True, False
+    trained.prompt_state = PromptState.FIXED  # as after training
     trainer = Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", default_root_dir=workspace)
     trainer.strategy.connect(trained)
     path = workspace / "model.ckpt"
