@@ -447,9 +447,11 @@ def test_anomalyclip_is_built_once_per_dataset_and_scores_as_if_rebuilt(
     encoded: list[int] = []  # images per call of the visual encoder
     encode = DualPathVisualEncoder.forward
 
-    def counting_encode(encoder: DualPathVisualEncoder, images: torch.Tensor, *args: object) -> object:
+    def counting_encode(
+        encoder: DualPathVisualEncoder, images: torch.Tensor, *args: object, **kwargs: object
+    ) -> object:
         encoded.append(len(images))
-        return encode(encoder, images, *args)
+        return encode(encoder, images, *args, **kwargs)
 
     monkeypatch.setattr(DualPathVisualEncoder, "forward", counting_encode)
 
