@@ -64,8 +64,8 @@ class VisualFeatures(NamedTuple):
     extra_tokens: list[torch.Tensor]
 
 
-class PoolMember(NamedTuple):
-    """Images of a pool, encoded once: the prompts' scores and maps, and what mutual scoring needs.
+class EncodedBatch(NamedTuple):
+    """A batch of images encoded once for mutual scoring: the prompts' scores and maps, and what mutual scoring needs.
 
     Attributes:
         pred_score: (B,) image scores of the prompts (zero-shot, or fused with the few-shot bank).
@@ -209,7 +209,7 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
             raise MutualScoringError(f"{error} Choose blocks of this backbone, e.g. the last one.") from None
         self.mutual_scoring = config
 
-    def encode_pool_member(self, images: torch.Tensor) -> PoolMember:
+    def encode_pool_member(self, images: torch.Tensor) -> EncodedBatch:
         """One encoder pass over CLIP-normalised ``images`` (B, 3, H, W): the prompts' outputs and mutual tokens."""
         if self.mutual_scoring is None:
             raise RuntimeError("This model does no mutual scoring; give it a configuration with use_mutual_scoring().")
@@ -227,13 +227,15 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
             prompt = score_features(embedding, features, grid, size, self.smoothing, text_features, self.few_shot, bank)
         anomaly_map = prompt.anomaly_map if self.has_references else prompt.anomaly_map / len(feature_taps)
         mutual_tokens = [layer.half() for layer in tokens[-len(mutual_taps) :]]
-        return PoolMember(prompt.pred_score, anomaly_map, mutual_tokens, class_embedding)
+        return EncodedBatch(prompt.pred_score, anomaly_map, mutual_tokens, class_embedding)
 
-    def score_pool(self, members: Sequence[PoolMember], fusion: MutualFusion = "mean") -> InferenceBatch:
+    def score_pool(self, members: Sequence[EncodedBatch], fusion: MutualFusion = "mean") -> InferenceBatch:
         """Scores and maps of a pool of images, each scored against the others and fused with the prompts.
 
         Args:
-            members: the pool, as :meth:`encode_pool_member` encoded it (in a fixed order, e.g. sorted paths).
+            members: the pool, batches as :meth:`encode_pool_member` encoded them (in a fixed order, e.g. sorted
+                paths). All of it is held at once: :mod:`.pool_scoring` streams large pools subset by subset to the
+                same scores.
             fusion: ``mean`` (prompts and mutual scores on the pool's [0, 1] scale, averaged) or ``mutual``.
 
         Returns:
