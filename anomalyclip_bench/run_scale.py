@@ -1,0 +1,152 @@
+"""Run-scale cost of ``anomalib predict`` with mutual scoring: peak memory and time over a folder of N images.
+
+Each run is a child process (``python -m anomalyclip_bench.run_scale --child ...``) that runs anomalib's command
+line in-process and reports its own peak resident memory (:func:`.process_memory.peak_resident_mb`) and wall time,
+so that runs of different N do not share an allocator. The tiny random CLIP (same layout as ViT-L/14@336, 64
+channels) stands in for the real one: the figures show how memory and time grow with N, not the real model's cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["RunCost", "held_mb_per_image", "measure_predict", "prepare_folder", "prepare_models"]
+
+BLOCKS = 4  # mutual_blocks: 6, 12, 18, 24
+HALF_BYTES = 2
+
+
+@dataclass(frozen=True)
+class RunCost:
+    """What one ``anomalib predict`` run cost."""
+
+    images: int
+    seconds: float
+    peak_mb: float
+    rows: int
+
+    @property
+    def seconds_per_image(self) -> float:
+        """Wall time over the number of images (start-up included)."""
+        return self.seconds / self.images
+
+
+def held_mb_per_image(image_size: int, width: int = 64, patch: int = 14) -> float:
+    """What the in-memory path held per image: float16 tokens of the mutual blocks and a float32 map, in MiB."""
+    tokens = (image_size // patch) ** 2 * width * BLOCKS * HALF_BYTES
+    return (tokens + image_size * image_size * 4) / (1 << 20)
+
+
+def prepare_models(folder: Path) -> tuple[Path, Path]:
+    """The tiny CLIP's weights and seeded untrained prompts for it, written once into ``folder``."""
+    import torch
+
+    from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
+    from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = TinyClipConfig()
+    clip, prompts = folder / "tiny_clip_openai.pt", folder / "tiny_prompts.pt"
+    if not clip.exists():
+        save_openai_state_dict(clip, config, seed=0)
+    if not prompts.exists():
+        save_prompts(PromptLearner(PromptConfig(width=config.text_width), torch.Generator().manual_seed(7)), prompts)
+    return clip, prompts
+
+
+def prepare_folder(root: Path, count: int, image_size: int) -> Path:
+    """A folder of ``count`` generated images (written once, reused)."""
+    from anomalib_anomalyclip.testing.toy_data import write_image_folder
+
+    folder = root / f"images_{count}_{image_size}"
+    if len(list(folder.glob("*.png"))) != count:
+        write_image_folder(folder, count, image_size=image_size)
+    return folder
+
+
+def measure_predict(
+    folder: Path,
+    clip: Path,
+    prompts: Path,
+    work_dir: Path,
+    image_size: int,
+    pool_size: int | None,
+    timeout: float = 3600,
+) -> RunCost:
+    """``anomalib predict`` over ``folder`` in a child process (mutual scoring unless ``pool_size`` is None)."""
+    arguments = [
+        "predict", "--model", "AnomalyCLIP", "--model.pretrained", str(clip), "--model.image_size", str(image_size),
+        "--model.prompt_weights", str(prompts), "--data", str(folder), "--default_root_dir", str(work_dir),
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    if pool_size is not None:
+        arguments += ["--model.mutual_scoring", "true", "--model.mutual_pool_size", str(pool_size)]
+    command = [sys.executable, "-m", "anomalyclip_bench.run_scale", "--child", json.dumps(arguments)]
+    environment = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"anomalib predict failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    (table,) = Path(work_dir).rglob("predictions.csv")
+    rows = len(table.read_text().splitlines()) - 1
+    return RunCost(len(list(folder.glob("*.png"))), report["seconds"], report["peak_mb"], rows)
+
+
+def _child(arguments: list[str]) -> None:
+    """Run anomalib's command line in this process; print its wall time and peak memory as JSON."""
+    import torch
+    from anomalib.cli import AnomalibCLI
+
+    from anomalib_anomalyclip.cli_support import install
+
+    from .process_memory import peak_resident_mb
+
+    install()  # as the ``anomalib`` command does for this package's models
+
+    torch.set_num_threads(int(os.environ.get("RUN_SCALE_THREADS", "2")))
+    start = time.perf_counter()
+    AnomalibCLI(arguments)
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": peak_resident_mb()}))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print peak memory, seconds per image and total time of ``anomalib predict`` for each folder size."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--images", type=int, nargs="+", default=[30, 280])
+    parser.add_argument("--image-size", type=int, default=518)
+    parser.add_argument("--pool-size", type=int, default=10, help="mutual_pool_size; 0: no mutual scoring")
+    parser.add_argument("--work-dir", type=Path, default=Path("run_scale_work"))
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(json.loads(args.child))
+        return
+    clip, prompts = prepare_models(args.work_dir)
+    pool_size = args.pool_size or None
+    costs = []
+    for count in args.images:
+        folder = prepare_folder(args.work_dir, count, args.image_size)
+        costs.append(measure_predict(folder, clip, prompts, args.work_dir / f"run_{count}", args.image_size, pool_size))
+    held = held_mb_per_image(args.image_size)
+    print(f"tiny CLIP at {args.image_size} px, mutual_pool_size={pool_size}; in-memory path held {held:.2f} MiB/image")
+    print(f"{'images':>7} {'rows':>6} {'peak MiB':>9} {'MiB/added image':>16} {'s/image':>8} {'total s':>8}")
+    for cost in costs:
+        added = (cost.peak_mb - costs[0].peak_mb) / max(1, cost.images - costs[0].images)
+        per_added = f"{added:.3f}" if cost is not costs[0] else "-"
+        print(f"{cost.images:>7} {cost.rows:>6} {cost.peak_mb:>9.1f} {per_added:>16} "
+              f"{cost.seconds_per_image:>8.3f} {cost.seconds:>8.1f}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps([asdict(cost) for cost in costs], indent=1))
+
+
+if __name__ == "__main__":
+    main()

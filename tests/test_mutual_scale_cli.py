@@ -1,0 +1,113 @@
+"""Mutual scoring at run scale through anomalib's command line: resume after a crash, returned predictions, memory."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from anomalib_anomalyclip.cache import CACHE_ENV_VAR
+from anomalib_anomalyclip.dpam import DualPathVisualEncoder
+from anomalib_anomalyclip.pool_state import PoolState
+from anomalib_anomalyclip.testing.toy_data import write_image_folder
+
+pytestmark = pytest.mark.slow
+
+IMAGES = 16  # mutual_pool_size 5: subsets of 6, 5 and 5 images
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("scale") / "line"
+    write_image_folder(root, IMAGES, image_size=56)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def patched_cli() -> Iterator[None]:
+    """anomalib's command line as the ``anomalib`` command runs it for this package's models."""
+    from anomalib.cli import AnomalibCLI  # noqa: F401
+
+    from anomalib_anomalyclip.cli_support import install
+
+    install()
+    yield
+
+
+@pytest.fixture
+def predict(tiny_clip_path: Path, tiny_prompt_path: Path) -> Callable[..., Any]:
+    """``anomalib predict`` with mutual scoring (pool size 5) of a folder into a results folder; returns the CLI."""
+    from anomalib.cli import AnomalibCLI
+
+    def run(folder: Path, root: Path, *extra: str) -> Any:
+        return AnomalibCLI(
+            ["predict", "--model", "AnomalyCLIP", "--model.pretrained", str(tiny_clip_path), "--model.image_size",
+             "56", "--model.prompt_weights", str(tiny_prompt_path), "--model.mutual_scoring", "true",
+             "--model.mutual_pool_size", "5", "--data", str(folder), "--default_root_dir", str(root), *extra]
+        )  # fmt: skip
+
+    return run
+
+
+def _rows(root: Path) -> list[list[str]]:
+    (table,) = root.rglob("predictions.csv")
+    with table.open(newline="") as file:
+        return sorted(csv.reader(file))
+
+
+def _encoded(patch: pytest.MonkeyPatch) -> list[int]:
+    sizes: list[int] = []
+    forward = DualPathVisualEncoder.forward
+
+    def counting(self: DualPathVisualEncoder, images: torch.Tensor, *args: object, **kwargs: object) -> object:
+        sizes.append(int(images.shape[0]))
+        return forward(self, images, *args, **kwargs)
+
+    patch.setattr(DualPathVisualEncoder, "forward", counting)
+    return sizes
+
+
+class KilledError(Exception):
+    """Stands for Ctrl-C or a killed process after the first subset."""
+
+
+def test_a_crashed_predict_resumes_and_writes_what_an_uninterrupted_run_writes(
+    folder: Path, predict: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "cache_whole"))
+    cli = predict(folder, tmp_path / "whole")
+    assert cli.engine.trainer.predict_loop.return_predictions is False  # no list of every batch's outputs
+    uninterrupted = _rows(tmp_path / "whole")
+    assert len(uninterrupted) == IMAGES + 1  # the header, then each image once
+    assert not any((tmp_path / "cache_whole" / "mutual").iterdir())  # a finished predict removes its state
+
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "cache"))
+    save = PoolState.save_subset
+    with pytest.MonkeyPatch.context() as patch:
+
+        def killed_after_the_first(self: PoolState, index: int, *args: object) -> None:
+            if any(self.folder.glob("subset_?????.pt")):
+                raise KilledError
+            save(self, index, *args)
+
+        patch.setattr(PoolState, "save_subset", killed_after_the_first)
+        with pytest.raises(KilledError):
+            predict(folder, tmp_path / "resumed")
+    (state,) = (tmp_path / "cache" / "mutual").iterdir()
+    assert len(list(state.glob("subset_?????.pt"))) == 1
+    with pytest.MonkeyPatch.context() as patch:
+        encoded = _encoded(patch)
+        predict(folder, tmp_path / "resumed")
+    assert sum(encoded) == IMAGES - 6  # the first subset (6 images) is not encoded again
+    assert _rows(tmp_path / "resumed") == uninterrupted
+    assert not state.exists()
+
+
+def test_predict_returns_the_predictions_when_asked(folder: Path, predict: Callable[..., Any], tmp_path: Path) -> None:
+    cli = predict(folder, tmp_path, "--return_predictions", "true")
+    assert cli.engine.trainer.predict_loop.return_predictions is True
+    assert sum(len(batch.pred_score) for batch in cli.engine.trainer.predict_loop.predictions) == IMAGES
