@@ -288,6 +288,9 @@ def _score_subsets(
                 encoded += len(images)
             bar.set_postfix(images_encoded=encoded, refresh=False)
             bar.update()
+    world_size, rank = _world()
+    where = f"process {rank} of {world_size}" if world_size > 1 else "this run"
+    logger.info("Mutual scoring: %s encoded %d image(s) in %d subset(s) of its own.", where, encoded, len(work))
 
 
 def _score_subset(

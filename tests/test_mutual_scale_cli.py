@@ -111,3 +111,21 @@ def test_predict_returns_the_predictions_when_asked(folder: Path, predict: Calla
     cli = predict(folder, tmp_path, "--return_predictions", "true")
     assert cli.engine.trainer.predict_loop.return_predictions is True
     assert sum(len(batch.pred_score) for batch in cli.engine.trainer.predict_loop.predictions) == IMAGES
+
+
+def test_predict_memory_does_not_grow_with_the_number_of_images(
+    tmp_path: Path, tiny_clip_path: Path, tiny_prompt_path: Path
+) -> None:
+    from anomalyclip_bench.run_scale import added_mb_per_image, held_mb_per_image, measure_predict, prepare_folder
+
+    # The acceptance is 280 against 30 images at 518 px with mutual_pool_size 10 (benchmarks/mutual_scale.py);
+    # this is the same ratio on 35 against 15 images with mutual_pool_size 5, each run a process of its own (from three
+    # subsets on, the allocator has reached its steady state).
+    costs = [
+        measure_predict(prepare_folder(tmp_path, count, 518), tiny_clip_path, tiny_prompt_path,
+                        tmp_path / f"run_{count}", image_size=518, pool_size=5)
+        for count in (15, 35)
+    ]  # fmt: skip
+    assert [cost.rows for cost in costs] == [15, 35]  # every image once in predictions.csv
+    allowed = held_mb_per_image(518) / 4  # a quarter of what the in-memory path held per image: 0.42 MiB
+    assert added_mb_per_image(*costs) <= allowed, costs
