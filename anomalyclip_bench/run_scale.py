@@ -32,6 +32,7 @@ __all__ = [
 
 BLOCKS = 4  # mutual_blocks: 6, 12, 18, 24
 HALF_BYTES = 2
+EXACT_PEAK_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,15 @@ def measure_predict(
     work_dir: Path,
     image_size: int,
     pool_size: int | None,
+    exact_peak: bool = False,
     timeout: float = 3600,
 ) -> RunCost:
-    """``anomalib predict`` over ``folder`` in a child process (mutual scoring unless ``pool_size`` is None)."""
+    """``anomalib predict`` over ``folder`` in a child process (mutual scoring unless ``pool_size`` is None).
+
+    ``exact_peak``: glibc gives every allocation above 64 KiB its own mapping, returned to the system when freed,
+    and uses one arena, so that the resident memory follows the live tensors (without it, the allocator's reuse
+    of freed blocks moves the peak by about 15 MiB from run to run at 518 px).
+    """
     arguments = [
         "predict", "--model", "AnomalyCLIP", "--model.pretrained", str(clip), "--model.image_size", str(image_size),
         "--model.prompt_weights", str(prompts), "--data", str(folder), "--default_root_dir", str(work_dir),
@@ -119,6 +126,8 @@ def measure_predict(
         filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
     )
     environment = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": search_path}
+    if exact_peak:
+        environment.update(EXACT_PEAK_ALLOCATOR)
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"anomalib predict failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
@@ -181,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pool-size", type=int, default=10, help="mutual_pool_size; 0: no mutual scoring")
     parser.add_argument("--work-dir", type=Path, default=Path("run_scale_work"))
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--exact-peak", action="store_true", help="allocator settings that make the peak follow the live tensors"
+    )
     args = parser.parse_args(argv)
     if args.child:
         _child(json.loads(args.child))
@@ -190,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     costs = []
     for count in args.images:
         folder = prepare_folder(args.work_dir, count, args.image_size)
-        costs.append(measure_predict(folder, clip, prompts, args.work_dir / f"run_{count}", args.image_size, pool_size))
+        work_dir = args.work_dir / f"run_{count}"
+        costs.append(measure_predict(folder, clip, prompts, work_dir, args.image_size, pool_size, args.exact_peak))
     held = held_mb_per_image(args.image_size)
     print(f"tiny CLIP at {args.image_size} px, mutual_pool_size={pool_size}; in-memory path held {held:.2f} MiB/image")
     print(f"{'images':>7} {'rows':>6} {'peak MiB':>9} {'loop peak MiB':>14} {'MiB/added image':>16} {'s/image':>8} "
