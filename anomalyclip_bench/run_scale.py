@@ -20,6 +20,8 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from .process_memory import peak_resident_mb, reset_peak, resident_mb
+
 __all__ = [
     "LoopPeak",
     "RunCost",
@@ -146,20 +148,13 @@ class LoopPeak(Callback):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Reset the process's peak to its current resident memory (before the model scores the pools)."""
         del trainer, pl_module
-        Path("/proc/self/clear_refs").write_text("5")
-        self.start_mb = _status_mb("VmRSS")
+        reset_peak()
+        self.start_mb = resident_mb()
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Keep the loop's peak growth."""
         del trainer, pl_module
-        LoopPeak.measured_mb = _status_mb("VmHWM") - self.start_mb
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+        LoopPeak.measured_mb = peak_resident_mb() - self.start_mb
 
 
 def _child(arguments: list[str]) -> None:
@@ -168,8 +163,6 @@ def _child(arguments: list[str]) -> None:
     from anomalib.cli import AnomalibCLI
 
     from anomalib_anomalyclip.cli_support import install
-
-    from .process_memory import peak_resident_mb
 
     install()  # as the ``anomalib`` command does for this package's models
 

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from test_mutual_scoring_cli import counting_encoder
 
 from anomalib_anomalyclip.cache import CACHE_ENV_VAR
-from anomalib_anomalyclip.dpam import DualPathVisualEncoder
 from anomalib_anomalyclip.pool_state import PoolState
 from anomalib_anomalyclip.testing.toy_data import write_image_folder
 
@@ -59,18 +58,6 @@ def _rows(root: Path) -> list[list[str]]:
         return sorted(csv.reader(file))
 
 
-def _encoded(patch: pytest.MonkeyPatch) -> list[int]:
-    sizes: list[int] = []
-    forward = DualPathVisualEncoder.forward
-
-    def counting(self: DualPathVisualEncoder, images: torch.Tensor, *args: object, **kwargs: object) -> object:
-        sizes.append(int(images.shape[0]))
-        return forward(self, images, *args, **kwargs)
-
-    patch.setattr(DualPathVisualEncoder, "forward", counting)
-    return sizes
-
-
 class KilledError(Exception):
     """Stands for Ctrl-C or a killed process after the first subset."""
 
@@ -99,8 +86,7 @@ def test_a_crashed_predict_resumes_and_writes_what_an_uninterrupted_run_writes(
             predict(folder, tmp_path / "resumed")
     (state,) = (tmp_path / "cache" / "mutual").iterdir()
     assert len(list(state.glob("subset_?????.pt"))) == 1
-    with pytest.MonkeyPatch.context() as patch:
-        encoded = _encoded(patch)
+    with counting_encoder() as encoded:
         predict(folder, tmp_path / "resumed")
     assert sum(encoded) == IMAGES - 6  # the first subset (6 images) is not encoded again
     assert _rows(tmp_path / "resumed") == uninterrupted

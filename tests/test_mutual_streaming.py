@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_mutual_scoring_cli import counting_encoder
 from torch.utils.data import DataLoader
 
 from anomalib_anomalyclip import AnomalyCLIP
 from anomalib_anomalyclip.data.predict import ImageFolderDataset
-from anomalib_anomalyclip.dpam import DualPathVisualEncoder
 from anomalib_anomalyclip.pool_scoring import MutualPoolError, PoolSettings, assign_subsets, score_pools
 from anomalib_anomalyclip.pool_state import PoolState, PoolStateError
 from anomalib_anomalyclip.testing.toy_data import write_image_folder
@@ -54,18 +54,6 @@ def _in_memory(model: AnomalyCLIP, folder: Path, fusion: str = "mean") -> tuple[
     return result.pred_score, result.anomaly_map
 
 
-def _count_encoded(patch: pytest.MonkeyPatch) -> list[int]:
-    sizes: list[int] = []
-    forward = DualPathVisualEncoder.forward
-
-    def counting(self: DualPathVisualEncoder, images: torch.Tensor, *args: object, **kwargs: object) -> object:
-        sizes.append(int(images.shape[0]))
-        return forward(self, images, *args, **kwargs)
-
-    patch.setattr(DualPathVisualEncoder, "forward", counting)
-    return sizes
-
-
 @pytest.mark.parametrize(("fusion", "rscin_k"), [("mean", (1, 2, 3)), ("mutual", None)])
 def test_streamed_subsets_give_the_in_memory_scores_and_maps(
     folder: Path, tiny_clip_path: Path, tiny_prompt_path: Path, tmp_path: Path, fusion: str, rscin_k: object
@@ -96,15 +84,13 @@ def test_an_interrupted_run_resumes_with_the_unfinished_subsets_only(
         patch.setattr(PoolState, "save_subset", crash_after_one)
         with pytest.raises(KeyboardInterrupt):
             _streamed(model, folder, tmp_path)
-    with pytest.MonkeyPatch.context() as patch:
-        encoded = _count_encoded(patch)
+    with counting_encoder() as encoded:
         scores, maps = _streamed(model, folder, tmp_path)
     assert sum(encoded) == IMAGES - 6  # the first subset (6 images) was not encoded again
     reference_scores, reference_maps = _in_memory(model, folder)
     assert torch.allclose(scores, reference_scores, atol=1e-6, rtol=0)
     assert torch.allclose(maps, reference_maps, atol=1e-6, rtol=0)
-    with pytest.MonkeyPatch.context() as patch:  # all finished: a third run encodes nothing
-        encoded = _count_encoded(patch)
+    with counting_encoder() as encoded:  # all finished: a third run encodes nothing
         _streamed(model, folder, tmp_path)
     assert encoded == []
 
@@ -115,8 +101,7 @@ def test_state_of_other_settings_is_not_used_and_left_alone(
     _streamed(_model(tiny_clip_path, tiny_prompt_path), folder, tmp_path)
     (old,) = tmp_path.iterdir()
     before = sorted(path.name for path in old.iterdir())
-    with pytest.MonkeyPatch.context() as patch, caplog.at_level(logging.WARNING):
-        encoded = _count_encoded(patch)
+    with counting_encoder() as encoded, caplog.at_level(logging.WARNING):
         _streamed(_model(tiny_clip_path, tiny_prompt_path, mutual_pool_size=8), folder, tmp_path)
     assert sum(encoded) == IMAGES
     assert f"{old} holds state of these {IMAGES} images from other settings; it is not used" in caplog.text
@@ -143,10 +128,9 @@ def test_a_pool_below_the_minimum_is_refused_before_anything_is_encoded(
 ) -> None:
     small = tmp_path / "small"
     write_image_folder(small, 4, image_size=56)
-    with pytest.MonkeyPatch.context() as patch:
-        encoded = _count_encoded(patch)
-        with pytest.raises(MutualPoolError, match=r"needs at least 5 images per pool .* are 4\. Score more images"):
-            _streamed(_model(tiny_clip_path, tiny_prompt_path), small, tmp_path / "state")
+    message = r"needs at least 5 images per pool .* are 4\. Score more images"
+    with counting_encoder() as encoded, pytest.raises(MutualPoolError, match=message):
+        _streamed(_model(tiny_clip_path, tiny_prompt_path), small, tmp_path / "state")
     assert encoded == []
     assert not (tmp_path / "state").exists()
 
