@@ -419,6 +419,14 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
 
     def on_predict_end(self) -> None:
         """Remove the state of mutual scoring's pools: ``predictions.csv`` and the overlays hold the results."""
+        self._discard_pool_state()
+
+    def on_validation_end(self) -> None:
+        """Within ``fit``, remove the state of mutual scoring's pools: the next epoch's prompts differ."""
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            self._discard_pool_state()
+
+    def _discard_pool_state(self) -> None:
         if self.pool_scores is None:
             return
         self.trainer.strategy.barrier()  # every process has looked up its images
