@@ -173,9 +173,12 @@ def score_pools(
     config = _config(model)
     prune(settings.state_root)
     description = _scoring_description(model, transform, settings)
-    pools = _plan(dataloaders, config, lambda images, extra: PoolState.for_pool(
-        [image.path for image in images], {**description, "data": extra}, settings.state_root,
-    ))  # fmt: skip
+
+    def open_state(images: list[_Image], augmentations: str) -> PoolState:
+        paths = [image.path for image in images]
+        return PoolState.for_pool(paths, {**description, "augmentations": augmentations}, settings.state_root)
+
+    pools = _plan(dataloaders, config, open_state)
     work = [(pool, index) for pool in pools for index in range(len(pool.subsets))]
     world_size, rank = _world()
     owners = assign_subsets([len(pool.subsets[index]) for pool, index in work], world_size)
@@ -240,12 +243,12 @@ def _world() -> tuple[int, int]:
 
 
 def _plan(
-    dataloaders: Any, config: MutualScoringConfig, open_state: Callable[[list[_Image], Any], PoolState]
+    dataloaders: Any, config: MutualScoringConfig, open_state: Callable[[list[_Image], str], PoolState]
 ) -> list[_Pool]:
     """The run's pools, each with its images sorted by path, its subsets and its state; sizes checked first."""
     images: dict[str, _Image] = {}
     keys: dict[str, str] = {}
-    extras: dict[str, Any] = {}
+    augmentations: dict[str, str] = {}
     for loader in loaders_of(dataloaders):
         dataset = loader.dataset
         paths = _dataset_paths(dataset)
@@ -258,7 +261,7 @@ def _plan(
             if path not in images:
                 images[path] = _Image(path, dataset, index, loader)
                 keys[path] = key
-                extras[key] = repr(getattr(dataset, "augmentations", None))
+                augmentations[key] = repr(getattr(dataset, "augmentations", None))
     by_pool: dict[str, list[_Image]] = defaultdict(list)
     for path in sorted(images):
         by_pool[keys[path]].append(images[path])
@@ -266,7 +269,7 @@ def _plan(
         _check_pool_size(config, key, len(members))
     return [
         _Pool(key, members, split_pool(len(members), config.pool_size, config.seed, config.min_pool),
-              open_state(members, extras[key]))
+              open_state(members, augmentations[key]))
         for key, members in by_pool.items()
     ]  # fmt: skip
 
