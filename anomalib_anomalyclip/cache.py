@@ -4,7 +4,8 @@
 ``~/.cache/anomalib_anomalyclip``. Below it, one sub-folder per kind of content:
 
 * ``prompts/``: released and downloaded prompt checkpoints (:mod:`.weights`);
-* ``synthetic/``: generated anomalous images and masks (:mod:`.data.anomaly_synthesis`).
+* ``synthetic/``: generated anomalous images and masks (:mod:`.data.anomaly_synthesis`);
+* ``mutual/``: the state of streamed mutual scoring's pools, for resuming (:mod:`.pool_state`).
 
 Explicit arguments (``cache_dir``, ``output_dir``) win over this folder. A persistent feature cache of prompt training
 is where ``feature_cache.dir`` says; without it the cache is temporary, not kept here.

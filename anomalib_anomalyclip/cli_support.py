@@ -3,7 +3,8 @@
 anomalib's ``AnomalibCLI`` parses the arguments, builds the model and data (``instantiate_classes``), then runs the
 engine (``_run_subcommand``). For runs of this package's models, :func:`install` wraps these steps:
 
-* before anything is built (``before_instantiate_classes``): the flooding library loggers are turned down
+* before anything is built (``before_instantiate_classes``): ``predict`` keeps no list of every batch's outputs
+  unless ``--return_predictions true`` (:func:`keep_no_predictions`), the flooding library loggers are turned down
   (:mod:`.logs`), the network is probed once (:mod:`.network`), the CLIP that ``--ckpt_path``'s checkpoint was made
   with is put into the model's arguments where they were left at their defaults (so the model is built on it at
   once, and the saved ``config.yaml`` records it; :func:`adopt_stored_clip`), then everything the run lacks is
@@ -177,10 +178,11 @@ def prepare_run(cli: Any, model_class: type) -> None:
     from .network import settle_offline_mode
 
     quiet_library_logs()
-    if model_class.__name__ != "AnomalyCLIP":
-        return
     subcommand = str(cli.config["subcommand"])
     config = cli.config[subcommand]
+    keep_no_predictions(subcommand, config)
+    if model_class.__name__ != "AnomalyCLIP":
+        return
     online = settle_offline_mode()
     init_args = config["model"].init_args
     problems = []
@@ -192,6 +194,17 @@ def prepare_run(cli: Any, model_class: type) -> None:
         from .preflight import format_report
 
         raise RunNotReadyError(format_report(problems))
+
+
+def keep_no_predictions(subcommand: str, config: Any) -> None:
+    """``predict`` of this package's models returns no list of every batch's outputs unless asked for.
+
+    The predictions go to ``predictions.csv`` and the overlays as batches finish (:class:`.PredictionCsvWriter`);
+    Lightning's returned list would hold every image and map of the run in memory until the end. An explicit
+    ``--return_predictions true`` keeps them.
+    """
+    if subcommand == "predict" and hasattr(config, "get") and config.get("return_predictions") is None:
+        config["return_predictions"] = False
 
 
 def _adopt_checkpoint_clip(model_class: type, init_args: Any, ckpt_path: str) -> list[str]:

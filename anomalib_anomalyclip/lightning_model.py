@@ -60,7 +60,7 @@ from .feature_cache import FeatureCache
 from .few_shot import choose_references
 from .loss import GlocalLoss, LossVariant
 from .metrics import anomalyclip_evaluator
-from .pool_scoring import PoolScores, score_run
+from .pool_scoring import PoolScores, PoolSettings, score_pools
 from .post_processor import DEFAULT_NORMAL_QUANTILE, ProbabilityPostProcessor
 from .pre_processor import PreprocessingName, clip_pre_processor, follow_tiling
 from .prompt_plan import PromptPlan, PromptState, plan_prompts
@@ -326,7 +326,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         """Prompts (released ones when the plan says so), the few-shot references, then the pools of ``dataloaders``.
 
         Refuses untrained prompts. With mutual scoring, every image of ``dataloaders`` is encoded once and scored
-        against its pool here (see :mod:`.pool_scoring`); the steps look the results up.
+        against its pool here, one subset at a time (see :mod:`.pool_scoring`); the steps look the results up.
         """
         plan = self._prompt_plan(fitting=False, datamodule=self._datamodule())
         if plan.released is not None:
@@ -334,7 +334,31 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         self._require_prompts()
         if self.model.k_shot:
             self.collect_references(required=True)
-        self.pool_scores = score_run(self, dataloaders, self.pool_scores) if self.model.mutual else None
+        self.pool_scores = self._score_pools(dataloaders) if self.model.mutual else None
+
+    def on_predict_end(self) -> None:
+        """Remove the state of mutual scoring's pools: ``predictions.csv`` and the overlays hold the results."""
+        self._discard_pool_state()
+
+    def on_validation_end(self) -> None:
+        """Within ``fit``, remove the state of mutual scoring's pools: the next epoch's prompts differ."""
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            self._discard_pool_state()
+
+    def _discard_pool_state(self) -> None:
+        if self.pool_scores is None:
+            return
+        self.trainer.strategy.barrier()  # every process has looked up its images
+        if self.trainer.is_global_zero:
+            self.pool_scores.discard()
+        self.pool_scores = None
+
+    def _score_pools(self, dataloaders: Any) -> PoolScores:
+        """Mutual scoring of the loop's pools, streamed subset by subset (see :mod:`.pool_scoring`)."""
+        transform = self.pre_processor.transform if self.pre_processor is not None else None
+        progress = self._trainer is None or self._trainer.progress_bar_callback is not None
+        settings = PoolSettings(tuple(self.references), progress)
+        return score_pools(self.model, transform, self.device, dataloaders, settings)
 
     def prepare_export(self) -> None:
         """Refuse to export untrained prompts, an empty few-shot bank, or mutual scoring (it needs a pool)."""

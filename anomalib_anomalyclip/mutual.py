@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from .errors import AnomalyCLIPError
 
+RSCIN_CHUNK_ROWS = 1024  # rows of RsCIN's similarity matrix at once
 CHUNK_TOKENS = 8192  # reference tokens per matrix product (whole images, at least one): bounds L x CHUNK_TOKENS
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, as in MuSc
 MutualFusion = Literal["mean", "mutual"]
@@ -252,13 +253,17 @@ def upsample_maps(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(scores.unsqueeze(1), size=size, mode="bilinear", align_corners=True)
 
 
-def rscin(scores: torch.Tensor, class_embeddings: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+def rscin(
+    scores: torch.Tensor, class_embeddings: torch.Tensor, ks: Sequence[int], chunk_rows: int = RSCIN_CHUNK_ROWS
+) -> torch.Tensor:
     """RsCIN image scores (N,): min-max normalised scores averaged over class-embedding neighbours.
 
     Args:
         scores: (N,) image scores of the pool.
         class_embeddings: (N, D) class embeddings of the same images (normalised here).
         ks: neighbourhood sizes; each row keeps its ``min(k, N)`` most similar images, itself included.
+        chunk_rows: rows of the (N, N) similarity computed at once, so that a pool of any size needs
+            ``chunk_rows x N`` numbers, not ``N x N``.
 
     Returns:
         (N,) scores in [0, 1]; all zero when every input score is the same.
@@ -269,14 +274,52 @@ def rscin(scores: torch.Tensor, class_embeddings: torch.Tensor, ks: Sequence[int
         raise ValueError("RsCIN needs at least one neighbourhood size k.")
     normalised = min_max(scores.float())
     embeddings = F.normalize(class_embeddings.to(scores.device, torch.float32), dim=-1)
-    similarity = embeddings @ embeddings.transpose(0, 1)
-    return torch.stack([_neighbour_weights(similarity, k) @ normalised for k in ks]).mean(dim=0)
+    rows = []
+    for start in range(0, embeddings.shape[0], chunk_rows):
+        similarity = embeddings[start : start + chunk_rows] @ embeddings.transpose(0, 1)
+        rows.append(torch.stack([_neighbour_weights(similarity, k) @ normalised for k in ks]).mean(dim=0))
+    return torch.cat(rows)
 
 
 def min_max(values: torch.Tensor) -> torch.Tensor:
     """``values`` scaled to [0, 1] by their minimum and maximum (all zero when they are all equal)."""
-    spread = values.max() - values.min()
-    return (values - values.min()) / spread if spread > 0 else torch.zeros_like(values)
+    return scale_to_range(values, values.min(), values.max())
+
+
+def scale_to_range(values: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``(values - low) / (high - low)``: [0, 1] for values within the range; all zero for an empty range."""
+    spread = high - low
+    return (values - low) / spread if spread > 0 else torch.zeros_like(values)
+
+
+def value_range(values: torch.Tensor) -> torch.Tensor:
+    """(2,) tensor: the minimum and maximum of ``values`` (float32)."""
+    values = values.float()
+    return torch.stack([values.min(), values.max()])
+
+
+def fuse(
+    prompt: torch.Tensor, mutual: torch.Tensor, fusion: MutualFusion, ranges: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fuse the prompts' and the mutual scores (or maps), each scaled by its range over the pool.
+
+    Args:
+        prompt: the prompts' scores or maps.
+        mutual: the mutual scores or maps of the same images.
+        fusion: ``mean`` averages the two scaled terms; ``mutual`` keeps the scaled mutual term.
+        ranges: (2, 2) tensor: rows ``[min, max]`` of the prompts' and the mutual values over the whole pool, when
+            ``prompt`` and ``mutual`` are only a part of it; ``None``: their own ranges.
+
+    Returns:
+        The fused values, in [0, 1].
+    """
+    prompt, mutual = prompt.float(), mutual.float()
+    if ranges is None:
+        ranges = torch.stack([value_range(prompt), value_range(mutual)])
+    mutual_scaled = scale_to_range(mutual, ranges[1, 0], ranges[1, 1])
+    if fusion == "mutual":
+        return mutual_scaled
+    return (scale_to_range(prompt, ranges[0, 0], ranges[0, 1]) + mutual_scaled) / 2
 
 
 def fuse_with_prompts(
@@ -301,10 +344,7 @@ def fuse_with_prompts(
     Returns:
         (N,) scores and (N, 1, H, W) maps in [0, 1].
     """
-    if fusion == "mutual":
-        return min_max(mutual_scores), min_max(mutual_maps)
-    scores = (min_max(prompt_scores.float()) + min_max(mutual_scores)) / 2
-    return scores, (min_max(prompt_maps.float()) + min_max(mutual_maps)) / 2
+    return fuse(prompt_scores, mutual_scores, fusion), fuse(prompt_maps, mutual_maps, fusion)
 
 
 def _neighbour_weights(similarity: torch.Tensor, k: int) -> torch.Tensor:

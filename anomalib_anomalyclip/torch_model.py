@@ -53,8 +53,8 @@ class TrainingOutput(NamedTuple):
     layer_probabilities: list[torch.Tensor]
 
 
-class PoolMember(NamedTuple):
-    """Images of a pool, encoded once: the prompts' scores and maps, and what mutual scoring needs.
+class EncodedBatch(NamedTuple):
+    """A batch of images encoded once for mutual scoring: the prompts' scores and maps, and what mutual scoring needs.
 
     Attributes:
         pred_score: (B,) image scores of the prompts (zero-shot, or fused with the few-shot bank).
@@ -235,7 +235,7 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
             raise MutualScoringError(f"{error} Choose blocks of this backbone, e.g. the last one.") from None
         self.mutual = config
 
-    def encode_pool_member(self, images: torch.Tensor) -> PoolMember:
+    def encode_pool_member(self, images: torch.Tensor) -> EncodedBatch:
         """One encoder pass over CLIP-normalised ``images`` (B, 3, H, W): the prompts' outputs and mutual tokens."""
         if self.mutual is None:
             raise RuntimeError("This model does no mutual scoring; give it a configuration with use_mutual_scoring().")
@@ -247,14 +247,17 @@ class AnomalyCLIPModel(TiledModel, nn.Module):
             features.global_embedding, features.patch_tokens, images.shape[-2:], self.few_shot, bank
         )
         anomaly_map = prompt.anomaly_map if self.has_references else prompt.anomaly_map / len(self.feature_layers)
-        return PoolMember(prompt.pred_score, anomaly_map, [layer.half() for layer in mutual], features.class_embedding)
+        return EncodedBatch(
+            prompt.pred_score, anomaly_map, [layer.half() for layer in mutual], features.class_embedding
+        )
 
-    def score_pool(self, members: Sequence[PoolMember]) -> InferenceBatch:
+    def score_pool(self, members: Sequence[EncodedBatch]) -> InferenceBatch:
         """Scores and maps of a pool of images, each scored against the others and fused with the prompts.
 
         Args:
-            members: the pool, as :meth:`encode_pool_member` encoded it (in a fixed order, e.g. sorted paths); the
-                mutual scores are fused with the prompts' as :attr:`mutual` says (``fusion``).
+            members: the pool, batches as :meth:`encode_pool_member` encoded them (in a fixed order, e.g. sorted
+                paths); the mutual scores are fused with the prompts' as :attr:`mutual` says (``fusion``). All of it
+                is held at once: :mod:`.pool_scoring` streams large pools subset by subset to the same scores.
 
         Returns:
             ``pred_score`` (N,) and ``anomaly_map`` (N, 1, H, W) in [0, 1], in the order of ``members``.

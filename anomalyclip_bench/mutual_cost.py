@@ -22,11 +22,10 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from .process_memory import peak_resident_mb
+from .process_memory import peak_resident_mb, reset_peak, resident_mb
 
 __all__ = ["MutualCost", "measure_pool", "print_table", "report"]
 
@@ -63,7 +62,7 @@ class MutualCost:
 def measure_pool(backbone: str, image_size: int, pool: int, encoded: int = 2, blocks: Sequence[int] = ()) -> MutualCost:
     """Time the encoder on ``encoded`` images and mutual scoring on a pool of ``pool`` images (see the module)."""
     from anomalib_anomalyclip.mutual import MutualScoring
-    from anomalib_anomalyclip.torch_model import AnomalyCLIPModel, PoolMember
+    from anomalib_anomalyclip.torch_model import AnomalyCLIPModel, EncodedBatch
 
     torch.manual_seed(MODEL_SEED)
     model = AnomalyCLIPModel(backbone=backbone, pretrained=None, image_size=image_size).eval()
@@ -77,9 +76,9 @@ def measure_pool(backbone: str, image_size: int, pool: int, encoded: int = 2, bl
     for image in images[1:]:
         member = model.encode_pool_member(image)
     encoder_seconds = (time.perf_counter() - start) / encoded
-    members = [_random_like(member, PoolMember) for _ in range(pool)]
+    members = [_random_like(member, EncodedBatch) for _ in range(pool)]
     tokens_mb = sum(tokens.numel() * tokens.element_size() for one in members for tokens in one.tokens) / 2**20
-    before = _resident_mb() if _reset_peak() else float("nan")
+    before = resident_mb() if reset_peak() else float("nan")
     start = time.perf_counter()
     model.score_pool(members)
     mutual_seconds = (time.perf_counter() - start) / pool
@@ -95,23 +94,6 @@ def _random_like(member: object, kind: type) -> object:
         [torch.randn_like(tokens, dtype=torch.float32).half() for tokens in member.tokens],
         torch.randn_like(member.class_embedding),
     )
-
-
-def _resident_mb() -> float:
-    """Resident memory of this process now (Linux ``VmRSS``), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak resident memory (Linux ``clear_refs``); whether it could."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def report(pools: Sequence[int], backbone: str, image_size: int, encoded: int = 2) -> list[MutualCost]:

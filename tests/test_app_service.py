@@ -126,7 +126,7 @@ def test_an_exported_model_scores_the_batch_like_the_model(
     assert not result.error
     assert {image.name: pytest.approx(image.score, abs=1e-4) for image in result.images} == by_model
 
-    refused = exported.score(BatchRequest(images, mutual_scoring=True))
+    refused = exported.score(BatchRequest(images, mutual=True))
     assert refused.images == []
     assert "An exported model is fixed when it is exported" in refused.error
 

@@ -139,13 +139,16 @@ def test_ddp_predict_with_two_processes_gives_the_single_process_scores(
 ) -> None:  # fmt: skip
     from test_cli_end_to_end import anomalib_cli
 
-    # 13 images over 2 processes: the sampler pads rank 1 with a repeated image, which counts once in its pool.
-    anomalib_cli(
+    # Two pools (8 and 5 images), one subset each: each process encodes and scores one pool, and receives no tokens.
+    result = anomalib_cli(
         "predict", *_model_args(tiny_clip_path, tiny_prompt_path), *MUTUAL, "--data", str(folder),
         "--default_root_dir", "ddp", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
         "--trainer.devices", "2", cwd=tmp_path,
     )  # fmt: skip
     assert not list((tmp_path / "ddp").rglob("predictions.rank*.csv"))
+    printed = result.stdout + result.stderr
+    encoded = re.findall(r"process (\d) of 2 encoded (\d+) image\(s\) in 1 subset\(s\)", printed)
+    assert sorted(encoded) == [("0", "8"), ("1", "5")], printed[-3000:]
     scores, _ = predicted
     ddp = _read_predictions(tmp_path / "ddp")
     assert sorted(ddp) == sorted(scores)

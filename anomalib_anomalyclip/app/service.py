@@ -86,13 +86,13 @@ class BatchRequest:
     Attributes:
         images: The image files to score (uploaded, or from a folder on the server).
         references: Normal reference images: with any, the run is few-shot with ``k`` = their number.
-        mutual_scoring: Score the images against each other too.
+        mutual: Score the images against each other too.
         tiling: Tiled inference (tiles of the model's input size).
     """
 
     images: Sequence[Path]
     references: Sequence[Path] = ()
-    mutual_scoring: bool = False
+    mutual: bool = False
     tiling: bool = False
 
 
@@ -212,7 +212,7 @@ class BatchScorer:
         if few_shot:
             switches += ["--model.k_shot", str(len(list((run / "references").iterdir())))]
             switches += ["--model.few_shot.source", str(run / "references")]
-        if request.mutual_scoring:
+        if request.mutual:
             switches += ["--model.mutual.enabled", "true"]
         if request.tiling:
             switches += ["--model.tiling.enabled", "true"]  # tiles of the model's input size

@@ -54,6 +54,7 @@ __all__ = [
     "main",
     "make_mvtec_like_dataset",
     "render_normal_image",
+    "write_image_folder",
 ]
 
 DEFAULT_CATEGORIES: tuple[str, ...] = ("alpha", "beta", "gamma")
@@ -310,6 +311,29 @@ def _write_category(
             image, mask = _defective_image(style, image_size, kind, rng, color)
             _save_image(image, category_dir / "test" / kind / f"{index:03d}.png", style.kind == "grayscale")
             _save_mask(mask, category_dir / "ground_truth" / kind / f"{index:03d}_mask.png")
+
+
+def write_image_folder(
+    folder: str | Path, count: int, image_size: int = 64, category: str = "wood", seed: int = 0, defect_every: int = 5
+) -> list[Path]:
+    """Write ``count`` images of one category into ``folder`` (``image_0000.png``, ...): a folder to predict on.
+
+    Every ``defect_every``-th image carries a blob defect (0: none), so that a pool holds a few anomalous images.
+
+    Returns:
+        The image files, sorted.
+    """
+    style = category_style(category, seed)
+    paths = []
+    for index in range(count):
+        rng = _rng(seed, _name_code(category), index)
+        image = render_normal_image(style, image_size, rng)
+        if defect_every and index % defect_every == defect_every - 1:
+            image = add_defect(image, "blob", rng)[0]
+        path = Path(folder) / f"image_{index:04d}.png"
+        _save_image(image, path, style.kind == "grayscale")
+        paths.append(path)
+    return paths
 
 
 def make_mvtec_like_dataset(
