@@ -49,6 +49,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from ._registry import expose
+from .errors import ExportedFileError, ExportedFileNotFoundError, explain_setup_errors
 from .pre_processor import resize_image_like_pil, resize_mask_like_pil
 
 __all__ = ["ExportedAnomalyCLIP", "ExportedGraph"]
@@ -82,7 +83,10 @@ class ExportedGraph(nn.Module):
         super().__init__()
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"Exported model '{self.path}' does not exist (expected the file export wrote).")
+            raise ExportedFileNotFoundError(
+                f"Exported model '{self.path}' does not exist: give the file `anomalib export` wrote, e.g. "
+                "--model.path <export_root>/weights/openvino/model.xml"
+            )
         suffix = self.path.suffix.lower()
         if suffix in OPENVINO_SUFFIXES:
             from anomalib.deploy import OpenVINOInferencer
@@ -98,7 +102,7 @@ class ExportedGraph(nn.Module):
             self.input_size = None
         else:
             known = ", ".join(sorted(OPENVINO_SUFFIXES | TORCH_SUFFIXES))
-            raise ValueError(f"Unknown exported model type '{self.path.name}': expected one of {known}.")
+            raise ExportedFileError(f"Unknown exported model type '{self.path.name}': expected one of {known}.")
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Run the exported graph on (B, 3, H, W) images with values in [0, 1]."""
@@ -126,6 +130,7 @@ class ExportedAnomalyCLIP(AnomalibModule):
         visualizer: anomalib visualizer, or ``True`` for the default.
     """
 
+    @explain_setup_errors
     def __init__(
         self,
         path: str | None = None,
@@ -135,7 +140,7 @@ class ExportedAnomalyCLIP(AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         if path is None:
-            raise ValueError(
+            raise ExportedFileError(
                 "ExportedAnomalyCLIP scores images with an exported AnomalyCLIP file and needs its path: "
                 "--model.path <export_root>/weights/openvino/model.xml (or .onnx, or weights/torch/model.pt), "
                 "as written by `anomalib export --model AnomalyCLIP ...`."
