@@ -28,9 +28,15 @@ PARAMETERS = {
     "parser error": ["self", "message", "ex"],
     "cli import order": ["level"],
     "versioned workspace": [
-        "self", "model", "train_dataloaders", "val_dataloaders", "test_dataloaders", "datamodule", "dataset",
+        "self",
+        "model",
+        "train_dataloaders",
+        "val_dataloaders",
+        "test_dataloaders",
+        "datamodule",
+        "dataset",
         "versioned_dir",
-    ],  # fmt: skip
+    ],
     "real latest folder": ["root_dir"],
 }
 
