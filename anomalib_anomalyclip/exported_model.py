@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,13 @@ class ExportedGraph(nn.Module):
             self.input_size = _static_size(self.inferencer.input_blob.get_partial_shape())
         elif suffix in TORCH_SUFFIXES:
             from anomalib.deploy import TorchInferencer
+
+            if os.environ.get("TRUST_REMOTE_CODE", "0").lower() not in {"1", "true"}:  # anomalib's own rule
+                raise ExportedFileError(
+                    f"'{self.path}' is a Torch export, a pickle that can run code when it is loaded, so anomalib "
+                    "loads it only with TRUST_REMOTE_CODE=1 in the environment: set it if you made the file yourself, "
+                    "or export to OpenVINO (--export_type openvino), which needs no such trust."
+                )
 
             self.inferencer = TorchInferencer(self.path, device=device.lower())
             self.input_size = None

@@ -67,10 +67,11 @@ QUIET_WARNING_MESSAGES = (
     r"Found \d+ module\(s\) in eval mode",
     r"The dirpath has changed from",
     r"'pin_memory' argument is set as true but no accelerator is found",
+    r"Total length of `\w+` across ranks is zero",
 )
 """Lightning's and torch's warnings that are by design here: the frozen CLIP stays in eval mode while the prompts
 train; a ``predict --ckpt_path`` writes elsewhere than the run that made the checkpoint; anomalib's ``predict``
-data loader asks for pinned memory on a CPU."""
+data loader asks for pinned memory on a CPU; an exported model's ``predict`` validates on no data."""
 
 
 def verbose() -> bool:
