@@ -6,6 +6,7 @@ The Sphinx build (.ci/run) checks the pages as well; this test needs no build an
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,13 @@ def test_a_broken_link_is_found(tmp_path: Path) -> None:
         f"other.md: no file {tmp_path / 'other.md'}",
         "#missing: no heading '#missing' in page.md",
     ]
+
+
+def test_the_notebook_command_keeps_its_outputs_in_ignored_files() -> None:
+    (command,) = [line for line in (REPO / "README.md").read_text().splitlines() if "jupyter execute" in line]
+    output = re.search(r"--output=(\S+)", command)
+    # nbclient replaces the suffix of the name it is given: a dot in it would overwrite the notebook itself
+    assert output is not None and "." not in output[1], command
+    written = [f"notebooks/{output[1]}.ipynb", "notebooks/anomalyclip_quickstart/results/model.ckpt"]
+    ignored = subprocess.run(["git", "check-ignore", *written], cwd=REPO, capture_output=True, text=True, check=False)
+    assert ignored.stdout.split() == written
