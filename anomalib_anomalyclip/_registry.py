@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-__all__ = ["MODELS", "expose", "register"]
+__all__ = ["MODELS", "expose", "is_our_class", "register"]
 
 PACKAGE = "anomalib_anomalyclip"
 MODELS: dict[str, str] = {
@@ -31,7 +31,7 @@ def register() -> None:
     :func:`expose` at its end instead. Calling it again does nothing new.
     """
     _allow_class_paths()
-    importlib.import_module(f"{PACKAGE}.cli_support").install()  # our runs of anomalib's CLI (see there)
+    _install_patches()
     if _package_module_being_imported():
         return
     for name, module_name in MODELS.items():
@@ -41,7 +41,18 @@ def register() -> None:
 def expose(model_class: type) -> None:
     """Set ``anomalib.models.<name>`` so that anomalib's name look-ups find ``model_class``."""
     _allow_class_paths()
+    _install_patches()
     setattr(_anomalib_models(), model_class.__name__, model_class)
+
+
+def is_our_class(model_class: type) -> bool:
+    """Whether ``model_class`` is one of this package's anomalib models."""
+    return MODELS.get(model_class.__name__) == model_class.__module__
+
+
+def _install_patches() -> None:
+    """Our runs of anomalib's CLI and workspace (see :mod:`.anomalib_patches`); idempotent."""
+    importlib.import_module(f"{PACKAGE}.anomalib_patches").install()
 
 
 def _allow_class_paths() -> None:

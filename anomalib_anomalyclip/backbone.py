@@ -30,6 +30,7 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -250,11 +251,12 @@ def _openai_file_name(backbone: str) -> str:
 
 def _offline_message(backbone: str, tag: str, url: str, error: object) -> str:
     source = f" from {url}" if url else ""
+    name = Path(urlparse(url).path).name if url else "the file"
     return (
         f"Could not get the CLIP weights for {backbone} (tag '{tag}'): they are not in the local cache and "
         f"downloading failed ({error}). To run offline, download {_openai_file_name(backbone)}{source} "
-        "on a machine with internet, copy it here and pass its path: "
-        "--model.pretrained /path/to/file (Python: pretrained='/path/to/file'). Alternatively fill the "
+        f"on a machine with internet, copy it to this machine (e.g. to {Path.cwd() / name}) and pass its path: "
+        f"--model.pretrained {Path.cwd() / name} (Python: pretrained='{Path.cwd() / name}'). Alternatively fill the "
         "open_clip/Hugging Face cache (HF_HOME) on a connected machine and copy it over."
     )
 

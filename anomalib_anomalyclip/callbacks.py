@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from itertools import zip_longest
 from pathlib import Path
@@ -42,7 +42,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2.functional import resize
 
 from .checkpoints import CheckpointFileCheck
-from .data.images import anomalib_reader_problem, check_files, read_image
+from .data.images import READ_WRONGLY, anomalib_reader_problem, check_files, read_image
 from .data.synthetic_preview import SyntheticPreview
 from .feature_cache import FeatureCacheCallback
 
@@ -60,11 +60,24 @@ logger = logging.getLogger(__name__)
 PREDICTIONS_CSV = "predictions.csv"
 CSV_COLUMNS = ("path", "score", "decision")
 
-_READER_FIX = (
+_UNREADABLE_FIX = "Copy or export these files again, or remove them."
+_CONVERSION_FIX = (
     "anomalib's datasets read images with Image.open(path).convert('RGB'). Convert these files to 8-bit RGB PNG or "
-    "JPEG, or remove the broken ones. To predict on a folder, use --data anomalib_anomalyclip.data.PredictFolder "
-    "--data.path <folder> instead of --data <folder>: it converts 16-bit and transparent images correctly."
+    "JPEG. To predict on a folder, use --data anomalib_anomalyclip.data.PredictFolder --data.path <folder> instead "
+    "of --data <folder>: it converts 16-bit and transparent images correctly."
 )
+
+
+def _predictions(count: int) -> str:
+    return f"{count} prediction{'' if count == 1 else 's'}"
+
+
+def _reader_fix(problems: Sequence[str]) -> str:
+    """The advice that fits ``problems``: unreadable files, files anomalib reads wrongly, or both."""
+    wrongly = [READ_WRONGLY in problem for problem in problems]
+    if all(wrongly):
+        return _CONVERSION_FIX
+    return _UNREADABLE_FIX if not any(wrongly) else f"{_UNREADABLE_FIX} {_CONVERSION_FIX}"
 
 
 def model_callbacks() -> list[Callback]:
@@ -134,7 +147,7 @@ class AnomalibReaderCheck(Callback):
             if not paths:
                 continue
             problem = partial(anomalib_reader_problem, decode=decode)
-            check_files(paths, problem, what=f"images of {type(dataset).__name__}", fix=_READER_FIX)
+            check_files(paths, problem, what=f"images of {type(dataset).__name__}", fix=_reader_fix)
             self._checked.update(paths)
 
 
@@ -222,16 +235,16 @@ class PredictionCsvWriter(Callback):
         if not self._close():
             return
         if self._part == self.path:
-            logger.info("Wrote %d prediction(s) to %s", len(self._rows), self.path)
+            logger.info("Wrote %s to %s", _predictions(len(self._rows)), self.path)
             return
         gathered = _gather_to_rank_zero(self._rows, trainer.world_size)
         if gathered is None:  # no process group to gather through: the part files stay
-            logger.info("Wrote %d prediction(s) to %s", len(self._rows), self._part)
+            logger.info("Wrote %s to %s", _predictions(len(self._rows)), self._part)
             return
         if trainer.global_rank == 0:
             rows = merge_rank_rows(gathered)
             _write_csv(self.path, rows)
-            logger.info("Wrote %d prediction(s) from %d processes to %s", len(rows), len(gathered), self.path)
+            logger.info("Wrote %s from %d processes to %s", _predictions(len(rows)), len(gathered), self.path)
         self._part.unlink(missing_ok=True)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -1,136 +1,139 @@
 """AnomalyCLIP runs of anomalib's command line: one check first, errors printed once, quiet logs, stored CLIP.
 
 anomalib's ``AnomalibCLI`` parses the arguments, builds the model and data (``instantiate_classes``), then runs the
-engine (``_run_subcommand``). For runs of this package's models, :func:`install` wraps these steps:
+engine (``_run_subcommand``). For runs of this package's models, :mod:`.anomalib_patches` wraps these steps with
+the functions here:
 
-* before anything is built (``before_instantiate_classes``): ``predict`` keeps no list of every batch's outputs
-  unless ``--return_predictions true`` (:func:`keep_no_predictions`), the flooding library loggers are turned down
-  (:mod:`.logs`), the network is probed once (:mod:`.network`), the CLIP that ``--ckpt_path``'s checkpoint was made
-  with is put into the model's arguments where they were left at their defaults (so the model is built on it at
-  once, and the saved ``config.yaml`` records it; :func:`adopt_stored_clip`), then everything the run lacks is
+* an unknown model argument (``--model.mutual_scorng``) is answered by one line that names the closest ones
+  (:func:`parse_error`);
+* before anything is built (:func:`prepare_run`): ``predict`` keeps no list of every batch's outputs unless
+  ``--return_predictions true`` (:func:`keep_no_predictions`), the library loggers and warnings are turned down
+  (:mod:`.logs`), the network is probed once (:mod:`.network`), the CLIP that ``--ckpt_path``'s checkpoint was
+  made with is put into the model's arguments where they were left at their defaults (so the model is built on it
+  at once, and the saved ``config.yaml`` records it; :func:`adopt_stored_clip`), then everything the run lacks is
   listed in one message (:mod:`.preflight`);
 * an :class:`.errors.AnomalyCLIPError` raised in any step (also inside jsonargparse's reports) is printed once to
-  stderr, without a traceback, and the process exits with status 1.
+  stderr, without a traceback, and the process exits with status 1 (:func:`reporting`);
+* after ``fit``/``train``, the checkpoint's path is printed (:func:`report_outputs`).
 
-Runs of other models are left as they are. anomalib has no hook for this: :func:`install` patches the class when it
-exists, which depends on the import order (see there).
+Runs of other models are left as they are.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import difflib
 import importlib
 import inspect
 import logging
+import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from ._registry import is_our_class
 from .errors import SETUP_ERRORS, AnomalyCLIPError, RunNotReadyError
 
-__all__ = ["adopt_stored_clip", "install"]
+__all__ = ["adopt_stored_clip", "parse_error", "prepare_run", "report_outputs", "reporting", "run_model_class"]
 
-CLI_MODULE = "anomalib.cli.cli"
 CLIP_KEYS = ("backbone", "pretrained", "image_size")
-_MARK = "_anomalyclip_support"
-_OURS = "_anomalyclip_run"
+FITTING = {"fit", "train"}
+_UNKNOWN_OPTION = re.compile(
+    r"Problem with given class_path '(?P<class_path>[\w.]+)':\s*(?:Option|Key) '(?P<name>[\w.]+)' is not "
+    r"(?:accepted|expected)"
+)
 
 logger = logging.getLogger(__name__)
 
 
-def install() -> None:
-    """Wrap ``AnomalibCLI``'s steps once, whatever was imported first.
-
-    * ``anomalib.cli.cli`` is loaded: patch its class now;
-    * it is being imported (the ``anomalib`` command: its imports load ``anomalib.models``, which registers this
-      package, before the class is defined): its ``main`` calls ``configure_logger`` before building the CLI, so
-      the patch waits in that function;
-    * it is not imported yet: the start-up hook runs :func:`install` again once it is.
-    """
-    module = sys.modules.get(CLI_MODULE)
-    if module is not None and hasattr(module, "AnomalibCLI"):
-        _patch(module.AnomalibCLI)
-    elif module is not None:
-        _install_from_configure_logger()
-    else:
-        hook = sys.modules.get("anomalib_anomalyclip_hook")
-        if hook is not None and hasattr(hook, "TRIGGERS"):
-            hook.TRIGGERS.setdefault(CLI_MODULE, install)
-
-
-def _install_from_configure_logger() -> None:
-    loggers = importlib.import_module("anomalib.loggers")
-    original = loggers.configure_logger
-    if getattr(original, _MARK, False):
-        return
-
-    @functools.wraps(original)
-    def configure_logger(*args: Any, **kwargs: Any) -> None:
-        original(*args, **kwargs)
-        install()
-
-    setattr(configure_logger, _MARK, True)
-    loggers.configure_logger = configure_logger
-
-
-def _patch(cli_class: type) -> None:
-    if getattr(cli_class, _MARK, False):
-        return
-    init, before, instantiate = cli_class.__init__, cli_class.before_instantiate_classes, cli_class.instantiate_classes
-    run = cli_class._run_subcommand
-
-    @functools.wraps(init)
-    def __init__(self: Any, args: Sequence[str] | None = None, run: bool = True) -> None:  # noqa: N807
-        from .cli_arguments import upgrade_command_line
-
-        upgraded, notes = upgrade_command_line(sys.argv[1:] if args is None else args)
-        for note in notes:
-            sys.stderr.write(f"AnomalyCLIP: {note}\n")
-        init(self, upgraded, run)
-
-    def before_instantiate_classes(self: Any) -> None:
-        model_class = _model_class(self)
-        setattr(self, _OURS, model_class is not None)
-        with _reporting(self):
-            if model_class is not None:
-                prepare_run(self, model_class)
-        before(self)
-
-    def instantiate_classes(self: Any) -> None:
-        with _reporting(self):
-            instantiate(self)
-
-    def _run_subcommand(self: Any) -> None:
-        with _reporting(self):
-            run(self)
-
-    cli_class.__init__ = __init__
-    cli_class.before_instantiate_classes = before_instantiate_classes
-    cli_class.instantiate_classes = instantiate_classes
-    cli_class._run_subcommand = _run_subcommand
-    setattr(cli_class, _MARK, True)
-
-
 @contextlib.contextmanager
-def _reporting(cli: Any) -> Iterator[None]:
-    """Print an AnomalyCLIPError of one of our runs once, then exit with status 1 (no traceback)."""
-    if not getattr(cli, _OURS, False):
+def reporting(ours: bool) -> Iterator[None]:
+    """Print an AnomalyCLIPError of one of our runs (``ours``) once, then exit with status 1 (no traceback)."""
+    if not ours:
         yield
         return
     SETUP_ERRORS["log"], SETUP_ERRORS["last"] = False, None
     try:
         yield
     except Exception as error:
-        ours = _our_error(error)
-        if ours is None:
+        found = _our_error(error)
+        if found is None:
             raise
-        sys.stderr.write(f"ERROR: {ours}\n")
+        sys.stderr.write(f"ERROR: {found}\n")
         sys.stderr.flush()
         raise SystemExit(1) from None
     finally:
         SETUP_ERRORS["log"] = True
+
+
+def parse_error(parser: Any, original: Callable[..., NoReturn], message: str, ex: Exception | None = None) -> NoReturn:
+    """The argument parser's error of a run that names one of our models: one line with the closest arguments.
+
+    Other errors of such runs go to jsonargparse's own report, with the program's name restored in its tip line (a
+    subcommand's parser is named ``" [options] test"``, so the tip read ``run:  test --help``).
+
+    Args:
+        parser: the parser reporting the error (the CLI's or a subcommand's).
+        original: that parser's own ``error`` method.
+        message: jsonargparse's report.
+        ex: the exception behind it.
+    """
+    from .logs import names_anomalyclip
+
+    reporting_parser = getattr(ex, "subcommand_parser", None) or parser
+    subcommand = reporting_parser.prog.split()[-1] if reporting_parser.prog.split() else "test"
+    unknown = _UNKNOWN_OPTION.search(message)
+    model_class = _import_class(unknown["class_path"]) if unknown else None
+    if unknown and model_class is not None and is_our_class(model_class):
+        sys.stderr.write(f"ERROR: {unknown_argument_message(model_class, unknown['name'], subcommand)}\n")
+        sys.stderr.flush()
+        raise SystemExit(2)
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "anomalib"
+    if names_anomalyclip(sys.argv[1:]) and not reporting_parser.prog.strip().startswith(program):
+        reporting_parser.prog = f"{program} {reporting_parser.prog.strip()}"
+    original(message, ex)
+
+
+def unknown_argument_message(model_class: type, name: str, subcommand: str) -> str:
+    """One line for ``--model.<name>``, which ``model_class`` does not take: the closest names and where to look."""
+    candidates = _argument_names(model_class)
+    shown: dict[str, str] = {}  # new name -> how it is shown (an old name and its new one: once)
+    for match in difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6):
+        new = candidates[match]
+        shown.setdefault(new, f"--model.{new}" if match == new else f"--model.{new} (formerly --model.{match})")
+    suggestion = f" Did you mean {' or '.join(shown.values())}?" if shown else ""
+    return (
+        f"--model.{name} is not an argument of {model_class.__name__}.{suggestion} All model arguments: "
+        f"anomalib {subcommand} --model.help {model_class.__name__}"
+    )
+
+
+def _argument_names(model_class: type) -> dict[str, str]:
+    """Every name ``--model.<name>`` may take (groups' fields and old flat names included) -> its current name."""
+    from .config import FLAT_ARGUMENTS, GROUPS
+
+    names: dict[str, str] = {}
+    ours = model_class.__name__ == "AnomalyCLIP"
+    for parameter in inspect.signature(model_class.__init__).parameters:
+        if parameter == "self":
+            continue
+        names[parameter] = parameter
+        if ours and parameter in GROUPS:
+            names.update({f"{parameter}.{item.name}": f"{parameter}.{item.name}" for item in fields(GROUPS[parameter])})
+    if ours:
+        names.update({old: new for old, new in FLAT_ARGUMENTS.items() if old not in names})
+    return names
+
+
+def report_outputs(cli: Any) -> None:
+    """After ``fit``/``train``: print where the checkpoint was written (anomalib does not say)."""
+    if str(cli.config.get("subcommand")) not in FITTING:
+        return
+    path = getattr(getattr(cli, "engine", None), "best_model_path", None)
+    if path:
+        logger.info("Checkpoint written to %s", path)
 
 
 def _our_error(error: BaseException) -> AnomalyCLIPError | None:
@@ -145,17 +148,15 @@ def _our_error(error: BaseException) -> AnomalyCLIPError | None:
     return last if isinstance(last, AnomalyCLIPError) else None
 
 
-def _model_class(cli: Any) -> type | None:
-    """The model class of the run if it is one of ours, else ``None``."""
+def run_model_class(cli: Any) -> type | None:
+    """The model class of the CLI's run if it is one of ours, else ``None``."""
     config = cli.config.get(str(cli.config.get("subcommand")), cli.config)
     model = config.get("model") if hasattr(config, "get") else None
     class_path = getattr(model, "class_path", None)
     if not isinstance(class_path, str):
         return None
     found = _import_class(class_path)
-    from ._registry import MODELS
-
-    return found if found is not None and found.__name__ in MODELS and found.__module__ in MODELS.values() else None
+    return found if found is not None and is_our_class(found) else None
 
 
 def _import_class(class_path: str) -> type | None:

@@ -26,6 +26,8 @@ __all__ = [
     "ChoiceError",
     "ExportDataError",
     "ExportUnavailableError",
+    "ExportedFileError",
+    "ExportedFileNotFoundError",
     "MutualScoringExportError",
     "PromptCheckpointError",
     "PromptWeightsError",
@@ -94,6 +96,14 @@ class ExportUnavailableError(AnomalyCLIPError, RuntimeError):
 
 class ExportDataError(ExportUnavailableError, ValueError):
     """An export needs other data: also a ``ValueError``, the type anomalib raises when calibration data is missing."""
+
+
+class ExportedFileError(AnomalyCLIPError, ValueError):
+    """``ExportedAnomalyCLIP`` was given no exported file, or a file of an unknown type."""
+
+
+class ExportedFileNotFoundError(ExportedFileError, FileNotFoundError):
+    """``ExportedAnomalyCLIP``'s file does not exist (also a ``FileNotFoundError``)."""
 
 
 class MutualScoringExportError(ExportUnavailableError):

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from ._registry import expose
+from .errors import ExportedFileError, ExportedFileNotFoundError, explain_setup_errors
 from .resize import resize_image_like_pil, resize_mask_like_pil
 
 __all__ = ["ExportedAnomalyCLIP", "ExportedGraph"]
@@ -82,7 +84,10 @@ class ExportedGraph(nn.Module):
         super().__init__()
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"Exported model '{self.path}' does not exist (expected the file export wrote).")
+            raise ExportedFileNotFoundError(
+                f"Exported model '{self.path}' does not exist: give the file `anomalib export` wrote, e.g. "
+                "--model.path <export_root>/weights/openvino/model.xml"
+            )
         suffix = self.path.suffix.lower()
         if suffix in OPENVINO_SUFFIXES:
             from anomalib.deploy import OpenVINOInferencer
@@ -94,11 +99,18 @@ class ExportedGraph(nn.Module):
         elif suffix in TORCH_SUFFIXES:
             from anomalib.deploy import TorchInferencer
 
+            if os.environ.get("TRUST_REMOTE_CODE", "0").lower() not in {"1", "true"}:  # anomalib's own rule
+                raise ExportedFileError(
+                    f"'{self.path}' is a Torch export, a pickle that can run code when it is loaded, so anomalib "
+                    "loads it only with TRUST_REMOTE_CODE=1 in the environment: set it if you made the file yourself, "
+                    "or export to OpenVINO (--export_type openvino), which needs no such trust."
+                )
+
             self.inferencer = TorchInferencer(self.path, device=device.lower())
             self.input_size = None
         else:
             known = ", ".join(sorted(OPENVINO_SUFFIXES | TORCH_SUFFIXES))
-            raise ValueError(f"Unknown exported model type '{self.path.name}': expected one of {known}.")
+            raise ExportedFileError(f"Unknown exported model type '{self.path.name}': expected one of {known}.")
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Run the exported graph on (B, 3, H, W) images with values in [0, 1]."""
@@ -126,6 +138,7 @@ class ExportedAnomalyCLIP(AnomalibModule):
         visualizer: anomalib visualizer, or ``True`` for the default.
     """
 
+    @explain_setup_errors
     def __init__(
         self,
         path: str | None = None,
@@ -135,7 +148,7 @@ class ExportedAnomalyCLIP(AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         if path is None:
-            raise ValueError(
+            raise ExportedFileError(
                 "ExportedAnomalyCLIP scores images with an exported AnomalyCLIP file and needs its path: "
                 "--model.path <export_root>/weights/openvino/model.xml (or .onnx, or weights/torch/model.pt), "
                 "as written by `anomalib export --model AnomalyCLIP ...`."

@@ -37,6 +37,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from ._registry import expose
+from .anomalib_patches import cut_training_to_one_batch
 from .backbone import clip_source
 from .callbacks import ConvertingImageVisualizer, model_callbacks
 from .checkpoints import CheckedCheckpointLoading, restore_model_state, save_model_state
@@ -442,12 +443,6 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         if datamodule is not None and hasattr(datamodule, "class_names_for"):
             return datamodule.class_names_for(list(batch.image_path))
         return [self.model.class_name] * batch.image.shape[0]
-
-
-def cut_training_to_one_batch(trainer: Any) -> None:
-    """End a fit's training loop after one batch: a fit with nothing to learn still validates and checkpoints."""
-    trainer.fit_loop.max_epochs = 1
-    trainer.limit_train_batches = 1
 
 
 expose(AnomalyCLIP)  # also when this module is imported first (see _registry)

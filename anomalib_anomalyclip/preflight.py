@@ -32,6 +32,8 @@ LAYOUTS = {
     "writes its split to <root>/visa_pytorch/<category>)",
     "BTech": "<root>/<category>/{train/ok, test/ok, test/ko, ground_truth/ko}",
     "Kolektor": "<root>/kos01 ... kos50/Part<n>.jpg with Part<n>_label.bmp",
+    "AuxiliaryDataModule": "one folder per category, each <category>/{test/<good|defect>, ground_truth/<defect>} "
+    "(MVTec AD's layout; or give --data.sources, see the prompt training page of the docs)",
 }
 """Expected layouts of anomalib's datamodules (as docs/benchmark.md describes them)."""
 
@@ -77,7 +79,8 @@ def missing_pieces(request: RunRequest, online: bool, check_clip: bool = True) -
 def format_report(problems: list[str]) -> str:
     """The one message of a run that lacks ``problems``."""
     lines = "\n".join(f"  {number}. {problem}" for number, problem in enumerate(problems, 1))
-    return f"AnomalyCLIP cannot start: {len(problems)} thing(s) missing.\n{lines}"
+    count = "1 thing is" if len(problems) == 1 else f"{len(problems)} things are"
+    return f"AnomalyCLIP cannot start: {count} missing.\n{lines}"
 
 
 def _prompts_spec(request: RunRequest) -> str | None:
@@ -131,11 +134,12 @@ def dataset_problem(data_class: type | None, data: Mapping[str, Any] | str | Non
     downloads = _downloads_itself(data_class)
     if downloads and online:
         return None
-    layout = LAYOUTS.get(data_class.__name__, MVTEC_LAYOUT if category else "<root>/...")
+    layout = LAYOUTS.get(data_class.__name__, MVTEC_LAYOUT if category else None)
     what = f"{data_class.__name__}{f' ({category})' if category else ''}"
     offline = " and there is no network for anomalib to download it" if downloads else ""
+    expected = f" Expected layout: {layout}." if layout else ""
     return (
-        f"the dataset {what}: no data in '{folders[0]}'{offline}. Expected layout: {layout}. Put it there, "
+        f"the dataset {what}: no data in '{folders[0]}'{offline}.{expected} Put it there, "
         "or point to yours with --data.root /path/to/dataset"
     )
 

@@ -7,7 +7,7 @@ jsonargparse), :mod:`.runner` (anomalib Engine runs, train-once, failures as row
 (tables), :mod:`.chart` (bar chart) and :mod:`.report` (files). Importing this package is cheap; anomalib and torch
 are imported when a run starts.
 
-The scripts in ``benchmarks/`` use the rest: :mod:`.few_shot_study` and :mod:`.synthetic_study` (the README's
+The scripts in ``benchmarks/`` use the rest: :mod:`.few_shot_study` and :mod:`.synthetic_study` (the documentation's
 few-shot and synthetic-anomaly numbers, on generated data), :mod:`.features` (the studies' access to the model's
 features and prompts), :mod:`.throughput` (FLOPs and utilisation), :mod:`.process_memory` (peak memory) and
 :mod:`.reference_anomalyclip` (the reference implementation, from a local checkout).

@@ -1,6 +1,7 @@
 """What mutual scoring (MuSc) adds to AnomalyCLIP's prompts, on generated categories no prompt was trained on.
 
-The study (run by ``benchmarks/mutual.py``, asserted by ``tests/test_mutual_scoring_model.py``, numbers in the README):
+The study (run by ``benchmarks/mutual.py``, asserted by ``tests/test_mutual_scoring_model.py``, numbers in
+docs/mutual_scoring.md):
 
 1. for each data seed, trains prompts on the auxiliary categories of :mod:`.few_shot_study` generated with that seed
    (dark or bright blobs), as the few-shot study does;

@@ -391,7 +391,10 @@ def _check_dataset_folder(dataset: DatasetSpec, category: str | None) -> None:
     folder = Path(root) if category is None else Path(root) / category
     if not folder.is_dir():
         what = "dataset" if category is None else "category"
-        msg = f"{what} folder {folder} not found (set `download: true` on the dataset to let anomalib download it)"
+        msg = (
+            f"{what} folder {folder} not found. Put the dataset there (layouts: docs/benchmark.md) or point the "
+            "dataset's `root` at your copy; with a network, `download: true` on the dataset lets anomalib fetch it"
+        )
         raise FileNotFoundError(msg)
 
 

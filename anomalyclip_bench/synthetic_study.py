@@ -1,6 +1,6 @@
 """Do prompts adapted with synthetic anomalies on a category's normal images score its real defects better?
 
-The study (asserted by the tests, numbers in the README):
+The study (asserted by the tests, numbers in docs/adaptation.md):
 
 1. generates the target categories of :mod:`.few_shot_study` (texture, object, grayscale: painted blobs and
    scratches as defects) and its auxiliary categories;

@@ -3,7 +3,7 @@ r"""Few-shot gain study: zero-shot vs k normal references, each fusion, on gener
 Trains prompts on generated auxiliary categories, then scores generated target categories
 (texture, object on a background, grayscale) that no prompt saw, zero-shot and with
 k references (see :mod:`anomalyclip_bench.few_shot_study`). Prints one row
-per category, k and fusion, then the mean table of the README.
+per category, k and fusion, then the mean table of docs/few_shot.md.
 
 ``--false-alarms N`` then sets thresholds from normal images only (a ``from_train``
 validation split, ``normal_quantile`` 0.95 unless ``--normal-quantile``) on target categories

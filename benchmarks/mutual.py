@@ -2,7 +2,8 @@ r"""Mutual-scoring gain study: prompts alone, mutual alone, fused, with RsCIN, k
 
 Trains prompts on generated auxiliary categories, then runs anomalib's ``Engine.test`` (``MVTecAD`` over generated
 target categories no prompt saw: texture, object on a background, grayscale) once per setting, ``k_shot`` and seed
-(see :mod:`anomalyclip_bench.mutual_study`). Prints one row per run, then the README's tables: the ``varied``
+(see :mod:`anomalyclip_bench.mutual_study`). Prints one row per run, then the tables of docs/mutual_scoring.md:
+the ``varied``
 split (blobs, scratches, coloured stains and spots), the ``repeated`` split (most anomalous images hold the same
 stain) and the pool-size study (``mutual.pool_size`` below the pool's size, zero-shot).
 

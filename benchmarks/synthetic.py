@@ -4,12 +4,13 @@ Runs :func:`anomalyclip_bench.synthetic_study.multi_seed_study`: for each data s
 texture, a grayscale one and an object on a dark background, :func:`~anomalyclip_bench.synthetic_study.seed_categories`)
 and each seeded untrained start prompt, every setting fine-tunes the prompts on each category's normal train images
 plus their Perlin anomalies (the ``synthetic`` source), then scores the category's real (generated) test defects
-zero-shot. Prints the README's table. Rows are appended to ``<work-dir>/rows.jsonl`` as they come; a second run with
+zero-shot. Prints the table of docs/adaptation.md. Rows are appended to ``<work-dir>/rows.jsonl`` as they come; a
+second run with
 the same ``--work-dir`` reuses them (resume, or print the table of a partial run).
 
 Usage::
 
-    python benchmarks/synthetic.py --work-dir /tmp/synthetic        # the README's table (about 30 min, 2 cores)
+    python benchmarks/synthetic.py --work-dir /tmp/synthetic   # docs/adaptation.md's table (about 30 min, 2 cores)
     python benchmarks/synthetic.py --data-seeds 0 --prompt-seeds 7 --settings glocal:0.5 --image-size 64
 """
 

@@ -1,7 +1,7 @@
 r"""Tiled inference on large images with small defects: untiled, tiles only, tiles + global view; zero- and k-shot.
 
 Runs :func:`anomalyclip_bench.tiling_study.run_study` with a tiny random CLIP (6 vision blocks, DPAM from block 3)
-and prints the README's table: image / pixel AUROC, mean over the data seeds and the three category kinds.
+and prints the table of docs/tiling.md: image / pixel AUROC, mean over the data seeds and the three category kinds.
 
 Prompts: ``untrained`` (seeded, never trained: what the test asserts with) or ``trained`` (learned on generated
 auxiliary categories with the toy datasets' defects, the protocol of ``benchmarks/few_shot.py``).

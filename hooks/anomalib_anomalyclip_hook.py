@@ -8,7 +8,10 @@ tiny import hook, so that unrelated programs pay nothing measurable:
 * when ``anomalib.models`` finishes importing (anomalib's CLI, its tools such as
   ``tools/inference/lightning_inference.py``, ``get_model``, user code), ``anomalib_anomalyclip``
   is imported and registered (``anomalib_anomalyclip._registry.register``), so that every place
-  where anomalib resolves a model name sees the class before it looks.
+  where anomalib resolves a model name sees the class before it looks;
+* when ``anomalib`` itself is imported by the ``anomalib`` command, the warnings of anomalib's own
+  imports are silenced if the command names AnomalyCLIP (``anomalib_anomalyclip.logs.quiet_command_line``):
+  they are printed before the model is known.
 
 Only ``sys`` is imported and annotations are strings: ``typing`` would cost ~10 ms,
 ``importlib.abc`` ~25 ms and even ``__future__`` plus ``importlib.machinery`` ~0.8 ms at
@@ -33,7 +36,16 @@ def _register() -> None:
     sys.modules[registry].register()
 
 
-TRIGGERS = {"anomalib.models": _register}
+def _quiet_anomalib_command() -> None:
+    program = sys.argv[0].replace("\\", "/").rsplit("/", 1)[-1] if sys.argv else ""
+    if program.split(".")[0] != "anomalib":
+        return
+    logs = f"{PACKAGE}.logs"
+    __import__(logs)
+    sys.modules[logs].quiet_command_line(sys.argv[1:])
+
+
+TRIGGERS = {"anomalib": _quiet_anomalib_command, "anomalib.models": _register}
 
 
 class _RunAfterLoader:

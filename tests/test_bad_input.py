@@ -148,6 +148,18 @@ def test_anomalib_folder_path_refuses_what_its_reader_would_get_wrong(tmp_path: 
     assert {Path(row["path"]) for row in _read_csv(tmp_path / "results")} == {p.resolve() for p in images.values()}
 
 
+def test_a_truncated_file_alone_gets_the_advice_for_broken_files(tmp_path: Path, model: AnomalyCLIP) -> None:
+    images = _own_images(tmp_path / "my_images")
+    for name in ("gray16.png", "rgba.png"):
+        images.pop(name).unlink()
+    _truncate(images["rgb.jpg"])
+    with pytest.raises(BadImageError) as error:
+        _engine(tmp_path / "results").predict(model, data_path=tmp_path / "my_images")
+    message = str(error.value)
+    assert "rgb.jpg: the file is truncated" in message and "Copy or export these files again" in message
+    assert "16-bit" not in message and "transparent" not in message
+
+
 def test_anomalib_datamodule_with_a_16_bit_image_stops_before_scoring(
     tmp_path: Path, model: AnomalyCLIP, dataset_root: Path
 ) -> None:

@@ -361,6 +361,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
+@pytest.mark.slow  # tens of seconds to minutes of CPU: the full suite runs it
 def test_offline_benchmark_of_anomalyclip_patchcore_and_winclip(
     data_root: Path, tiny_clip_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -418,6 +419,7 @@ def test_offline_benchmark_of_anomalyclip_patchcore_and_winclip(
     assert "ETA" in progress
 
 
+@pytest.mark.slow  # tens of seconds to minutes of CPU: the full suite runs it
 def test_anomalyclip_is_built_once_per_dataset_and_scores_as_if_rebuilt(
     data_root: Path, tiny_clip_path: Path, tiny_prompt_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

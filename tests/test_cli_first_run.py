@@ -62,7 +62,7 @@ def test_main_job_offline_with_nothing_present_names_everything_once(tmp_path: P
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert output.count("AnomalyCLIP cannot start") == 1, output
-    assert "3 thing(s) missing" in output
+    assert "3 things are missing" in output
     assert "--model.prompt_weights" in output and "anomalyclip-mvtec" in output  # the prompts
     assert "--model.pretrained" in output and "ViT-L-14-336px.pt" in output  # the CLIP weights
     assert "datasets/visa" in output and "--data.root" in output and "split_csv" in output  # the dataset

@@ -311,6 +311,7 @@ def test_bf16_hint_is_refused_on_cpus_without_bf16(monkeypatch: pytest.MonkeyPat
     check_precision_hint("CPU", None)
 
 
+@pytest.mark.slow  # tens of seconds to minutes of CPU: the full suite runs it
 def test_few_shot_exports_carry_the_bank_and_match_eager(
     workspace: Path, clip_path: Path, prompt_path: Path, images: torch.Tensor, tmp_path: Path
 ) -> None:

@@ -171,6 +171,7 @@ def test_bad_reference_sources_are_explained(tiny_clip_path: Path, tiny_prompt_p
         without_source.to_torch(tmp_path / "export")
 
 
+@pytest.mark.slow  # tens of seconds to minutes of CPU: the full suite runs it
 def test_references_beat_zero_shot_on_categories_no_prompt_was_trained_on(tmp_path: Path, tiny_clip_path: Path) -> None:
     import dataclasses
 

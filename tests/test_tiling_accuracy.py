@@ -1,4 +1,4 @@
-"""Tiles find small defects on large images that the single input-size view misses (the study of the README).
+"""Tiles find small defects on large images that the single input-size view misses (the study of docs/tiling.md).
 
 Generated categories of the three kinds, 1536 px images with defects of 4-16 px, a tiny random CLIP (6 blocks) at
 112 px, tiles of 112 px at a 448 px working size (16 tiles and the global view): the tiles' patches are 4 times finer
@@ -19,6 +19,8 @@ import torch
 
 from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
 from anomalyclip_bench.tiling_study import TilingStudyConfig, mean_by_setting, run_study
+
+pytestmark = pytest.mark.slow  # the study's small version: minutes of CPU
 
 SEEDS = (0, 1)
 CONFIG = TilingStudyConfig(

@@ -86,6 +86,7 @@ def _differences(outputs: dict[str, np.ndarray], eager: dict[str, np.ndarray]) -
     }
 
 
+@pytest.mark.slow  # tens of seconds to minutes of CPU: the full suite runs it
 @pytest.mark.parametrize("export_type", ["onnx", "openvino"])
 def test_exported_graph_of_a_tiled_model_matches_eager_on_a_2048_px_image(
     exported: dict[str, Path], image: torch.Tensor, eager: dict[str, np.ndarray], export_type: str

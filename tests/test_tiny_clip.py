@@ -248,6 +248,7 @@ def test_jit_archive_metadata(jit_archive_path: Path) -> None:
     assert archive.input_resolution.item() == 336
 
 
+@pytest.mark.slow  # tens of seconds to minutes of CPU: the full suite runs it
 def test_jit_archive_traced_methods_match_eager_model(jit_archive_path: Path, tiny_clip_config: TinyClipConfig) -> None:
     archive = _jit_load(jit_archive_path)
     model = build_tiny_clip(tiny_clip_config, seed=0)

@@ -34,8 +34,8 @@ them (the normal images' paths, sizes and modification times, the options, the t
 cache, which keys on image paths, can never confuse two seeds, and a second run reuses the files. The folder's
 ``index.json`` lists them (:func:`read_index`, :func:`write_index`).
 
-Experimental: prompts trained on these anomalies can lose accuracy on some categories (README, "Adapting the prompts
-to your product from normal images alone"); with normal images only try ``k_shot`` first. At the start of ``fit``,
+Experimental: prompts trained on these anomalies can lose accuracy on some categories
+(docs/adaptation.md); with normal images only try ``k_shot`` first. At the start of ``fit``,
 :class:`~anomalib_anomalyclip.data.synthetic_preview.SyntheticPreview` warns when a source's anomalies fall largely
 on a plain background.
 

@@ -129,6 +129,10 @@ def image_problem(path: PathLike, decode: bool = True) -> str | None:
     return None
 
 
+READ_WRONGLY = "anomalib's image reader would"
+"""How :func:`anomalib_reader_problem` begins the problems of files that anomalib reads without an error, wrongly."""
+
+
 def anomalib_reader_problem(path: PathLike, decode: bool = True) -> str | None:
     """What goes wrong when anomalib's own ``read_image`` (``Image.open(path).convert("RGB")``) reads a file.
 
@@ -148,9 +152,9 @@ def anomalib_reader_problem(path: PathLike, decode: bool = True) -> str | None:
     try:
         image = _open(path, decode=decode)
         if image.mode in _SIXTEEN_BIT_MODES | {"I", "F"}:
-            return f"{path}: {_mode_name(image.mode)}; anomalib's image reader would clip its values (mostly to white)."
+            return f"{path}: {_mode_name(image.mode)}; {READ_WRONGLY} clip its values (mostly to white)."
         if image.has_transparency_data and _has_transparent_pixels(image if decode else _open(path, decode=True)):
-            return f"{path}: has transparent pixels; anomalib's image reader would drop the transparency."
+            return f"{path}: has transparent pixels; {READ_WRONGLY} drop the transparency."
     except BadImageError as error:
         return str(error)
     return None
@@ -160,7 +164,7 @@ def check_files(
     items: Iterable[T],
     problem: Callable[[T], str | None] = image_problem,
     what: str = "image files",
-    fix: str = "",
+    fix: str | Callable[[Sequence[str]], str] = "",
 ) -> None:
     """Look at every file (or pair of files) and raise one error that lists all problems.
 
@@ -169,7 +173,7 @@ def check_files(
         problem: Returns one line describing an item's problem, or ``None`` (e.g. :func:`image_problem`,
             :func:`anomalib_reader_problem`).
         what: What the items are, for the message (e.g. ``"images in /data/parts"``).
-        fix: Advice printed after the list.
+        fix: Advice printed after the list, or a function of the problems that returns it (advice that fits them).
 
     Raises:
         BadImageError: If any item has a problem.
@@ -177,7 +181,8 @@ def check_files(
     items = list(items)
     problems = [line for line in map(problem, items) if line is not None]
     if problems:
-        raise BadImageError(describe_problems(problems, len(items), what, fix))
+        advice = fix(problems) if callable(fix) else fix
+        raise BadImageError(describe_problems(problems, len(items), what, advice))
 
 
 def describe_problems(problems: Sequence[str], total: int, what: str, fix: str = "") -> str:
