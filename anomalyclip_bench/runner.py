@@ -357,8 +357,12 @@ class BenchmarkRunner:
             overrides["visualizer"] = False
         if model.index in self._checkpoints:
             overrides[PROMPT_WEIGHTS_ARG] = str(self._checkpoints[model.index])
-        spec = {"class_path": model.class_path, "init_args": model.init_args}
-        return instantiate(spec, _MODEL_MODULE, **overrides)
+        from anomalib_anomalyclip.config import is_flat, upgrade
+
+        init_args = dict(model.init_args)
+        if resolve_class(model.class_path, _MODEL_MODULE).__name__ == "AnomalyCLIP" and is_flat(init_args):
+            init_args = upgrade(init_args)  # the configurations' grids name the flat arguments (dpam_kind=qq)
+        return instantiate({"class_path": model.class_path, "init_args": init_args}, _MODEL_MODULE, **overrides)
 
     def _engine(self, root: Path, validate: bool = True) -> Any:
         """An Engine with the configuration's trainer arguments; ``validate=False`` turns validation passes off."""
