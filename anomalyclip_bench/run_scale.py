@@ -162,7 +162,7 @@ def _child(arguments: list[str]) -> None:
     import torch
     from anomalib.cli import AnomalibCLI
 
-    from anomalib_anomalyclip.cli_support import install
+    from anomalib_anomalyclip.anomalib_patches import install
 
     install()  # as the ``anomalib`` command does for this package's models
 

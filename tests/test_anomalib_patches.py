@@ -92,7 +92,11 @@ def test_a_mistyped_model_argument_is_answered_with_the_closest_names(capsys) ->
 
 def test_the_suggestion_lists_only_close_names() -> None:
     message = unknown_argument_message(AnomalyCLIP, "kshot", "train")
-    assert "Did you mean --model.k_shot?" in message and "anomalib train --model.help" in message
+    assert "Did you mean --model.k_shot " in message and "anomalib train --model.help" in message
+    grouped = unknown_argument_message(AnomalyCLIP, "mutual.fractoin", "test")
+    assert "Did you mean --model.mutual.fraction " in grouped
+    old = unknown_argument_message(AnomalyCLIP, "mutual_scorng", "test")
+    assert "--model.mutual.enabled (formerly --model.mutual_scoring)" in old
     assert "Did you mean" not in unknown_argument_message(AnomalyCLIP, "zzzzzz", "test")
 
 

@@ -31,7 +31,7 @@ def patched_cli() -> Iterator[None]:
     """anomalib's command line as the ``anomalib`` command runs it for this package's models."""
     from anomalib.cli import AnomalibCLI  # noqa: F401
 
-    from anomalib_anomalyclip.cli_support import install
+    from anomalib_anomalyclip.anomalib_patches import install
 
     install()
     yield

@@ -102,8 +102,8 @@ class Walkthrough:
         self.run("anomalib", "test", *MODEL, *PROMPTS, *TARGET)
         few_shot = self.checkpoint(self.run("anomalib", "train", *MODEL, *PROMPTS, "--model.k_shot", "2", *TARGET))
         self.run("anomalib", "predict", "--model", "AnomalyCLIP", "--ckpt_path", few_shot, "--data", "data/gamma/test")
-        self.run("anomalib", "test", *MODEL, *PROMPTS, "--model.mutual_scoring", "true", *TARGET)
-        tiling = ("--model.tile_size", "56", "--model.tile_working_size", "112")
+        self.run("anomalib", "test", *MODEL, *PROMPTS, "--model.mutual", "true", *TARGET)
+        tiling = ("--model.tiling", "true", "--model.tiling.working_size", "112")
         self.run("anomalib", "test", *MODEL, *PROMPTS, *tiling, *TARGET)
         self.export_and_predict(few_shot)
         self.benchmark()
@@ -135,7 +135,7 @@ class Walkthrough:
             "--data.num_workers",
             "0",
         )
-        lines = self.run("anomalib", "fit", *MODEL, "--model.epochs", "2", *aux)
+        lines = self.run("anomalib", "fit", *MODEL, "--model.training.epochs", "2", *aux)
         self.copy(self.checkpoint(lines), "prompts.ckpt")
 
     def export_and_predict(self, checkpoint: str) -> None:
