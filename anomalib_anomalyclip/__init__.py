@@ -21,17 +21,17 @@ __all__ = ["AnomalyCLIP", "AnomalyCLIPModel", "AuxiliaryDataModule", "ExportedAn
 
 # Public name -> module that defines it, resolved lazily by ``__getattr__``.
 _LAZY_ATTRIBUTES: dict[str, str] = {
-    "AnomalyCLIP": "anomalib_anomalyclip.lightning_model",
-    "AnomalyCLIPModel": "anomalib_anomalyclip.torch_model",
+    "AnomalyCLIP": "anomalib_anomalyclip.integration.lightning_model",
+    "AnomalyCLIPModel": "anomalib_anomalyclip.method.torch_model",
     "AuxiliaryDataModule": "anomalib_anomalyclip.data.auxiliary",
-    "ExportedAnomalyCLIP": "anomalib_anomalyclip.exported_model",
+    "ExportedAnomalyCLIP": "anomalib_anomalyclip.integration.exported_model",
 }
 
 if TYPE_CHECKING:
     from anomalib_anomalyclip.data.auxiliary import AuxiliaryDataModule
-    from anomalib_anomalyclip.exported_model import ExportedAnomalyCLIP
-    from anomalib_anomalyclip.lightning_model import AnomalyCLIP
-    from anomalib_anomalyclip.torch_model import AnomalyCLIPModel
+    from anomalib_anomalyclip.integration.exported_model import ExportedAnomalyCLIP
+    from anomalib_anomalyclip.integration.lightning_model import AnomalyCLIP
+    from anomalib_anomalyclip.method.torch_model import AnomalyCLIPModel
 
 
 __getattr__, __dir__ = lazy_attributes(globals(), _LAZY_ATTRIBUTES)

@@ -17,8 +17,8 @@ __all__ = ["MODELS", "expose", "is_our_class", "register"]
 
 PACKAGE = "anomalib_anomalyclip"
 MODELS: dict[str, str] = {
-    "AnomalyCLIP": "anomalib_anomalyclip.lightning_model",
-    "ExportedAnomalyCLIP": "anomalib_anomalyclip.exported_model",
+    "AnomalyCLIP": "anomalib_anomalyclip.integration.lightning_model",
+    "ExportedAnomalyCLIP": "anomalib_anomalyclip.integration.exported_model",
 }
 """Our ``AnomalibModule`` subclasses and the modules that define them."""
 
@@ -51,8 +51,8 @@ def is_our_class(model_class: type) -> bool:
 
 
 def _install_patches() -> None:
-    """Our runs of anomalib's CLI and workspace (see :mod:`.anomalib_patches`); idempotent."""
-    importlib.import_module(f"{PACKAGE}.anomalib_patches").install()
+    """Our runs of anomalib's CLI and workspace (see :mod:`.cli.patches`); idempotent."""
+    importlib.import_module(f"{PACKAGE}.cli.patches").install()
 
 
 def _allow_class_paths() -> None:

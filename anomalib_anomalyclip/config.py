@@ -23,12 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, TypeVar
 
-from .dpam import DpamKindName, TokenPathName
-from .errors import AnomalyCLIPError, ChoiceError
-from .few_shot import FewShotFusionName
-from .loss import LossName
-from .mutual import MutualScoring
-from .prompts import PromptTypeName
+from anomalib_anomalyclip.errors import AnomalyCLIPError, ChoiceError
+from anomalib_anomalyclip.method.dpam import DpamKindName, TokenPathName
+from anomalib_anomalyclip.method.few_shot import FewShotFusionName
+from anomalib_anomalyclip.method.loss import LossName
+from anomalib_anomalyclip.method.mutual import MutualScoring
+from anomalib_anomalyclip.method.prompts import PromptTypeName
 
 __all__ = [
     "FLAT_ARGUMENTS",
@@ -182,7 +182,7 @@ class FewShot:
 
 @dataclass(frozen=True)
 class Tiling:
-    """Tiled inference for small defects on large images (see :mod:`anomalib_anomalyclip.tiling`).
+    """Tiled inference for small defects on large images (see :mod:`anomalib_anomalyclip.method.tiling`).
 
     Args:
         enabled: tile (``--model.tiling true`` for short); anomalib's ``TilerConfigurationCallback`` switches tiling on
@@ -210,7 +210,7 @@ class Tiling:
 
 @dataclass(frozen=True)
 class FeatureCaching:
-    """The feature cache of prompt training (see :mod:`anomalib_anomalyclip.feature_cache`).
+    """The feature cache of prompt training (see :mod:`anomalib_anomalyclip.integration.feature_cache`).
 
     Args:
         enabled: compute the frozen visual features of each training image once and reuse them in later epochs

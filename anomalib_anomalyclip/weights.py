@@ -34,9 +34,9 @@ from typing import IO, Literal, cast
 
 from tqdm.auto import tqdm
 
-from .cache import CACHE_ENV_VAR
-from .cache import cache_dir as cache_dir_of_kind
-from .errors import PromptWeightsError
+from anomalib_anomalyclip.cache import CACHE_ENV_VAR
+from anomalib_anomalyclip.cache import cache_dir as cache_dir_of_kind
+from anomalib_anomalyclip.errors import PromptWeightsError
 
 logger = logging.getLogger(__name__)
 

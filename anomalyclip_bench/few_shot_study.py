@@ -9,7 +9,7 @@ The study (run by ``benchmarks/few_shot.py`` and asserted by the tests):
 2. encodes every target image once (the global embedding, the feature taps and the bank's
    taps), so that all ``k`` and fusions reuse the same features;
 3. for each ``k``, fills the bank with ``k`` train images chosen as the model chooses them
-   (:func:`~anomalib_anomalyclip.few_shot.choose_references`) and scores the test split
+   (:func:`~anomalib_anomalyclip.method.few_shot.choose_references`) and scores the test split
    zero-shot (``k = 0``) and with each fusion: image AUROC and pixel AUROC.
 
 :func:`false_alarm_rate` measures the other half of the few-shot story: thresholds set
@@ -34,9 +34,9 @@ from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_anomalyclip.data.auxiliary import AuxiliaryDataModule
 from anomalib_anomalyclip.data.images import list_image_files, read_image, read_mask
-from anomalib_anomalyclip.dpam import Tap, VisualFeatures
-from anomalib_anomalyclip.few_shot import FewShotFusion, choose_references
-from anomalib_anomalyclip.lightning_model import AnomalyCLIP
+from anomalib_anomalyclip.integration.lightning_model import AnomalyCLIP
+from anomalib_anomalyclip.method.dpam import Tap, VisualFeatures
+from anomalib_anomalyclip.method.few_shot import FewShotFusion, choose_references
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 AUXILIARY_KINDS = {

@@ -2,11 +2,11 @@
 
 Each pool size runs in a fresh process (``python -m anomalyclip_bench.mutual_cost --pool N``), so that its peak memory
 is its own. The process builds AnomalyCLIP's torch model with random CLIP weights, times one encoder pass per image
-(:meth:`~anomalib_anomalyclip.torch_model.AnomalyCLIPModel.encode_pool_member`: the visual encoder, the prompts' score
-and map, and the mutual-scoring tokens) on a few images after a warm-up, then builds a pool of ``N`` members of the
-same shapes and times :meth:`~anomalib_anomalyclip.torch_model.AnomalyCLIPModel.score_pool` (LNAMD, MSM, maps, RsCIN,
-fusion). The members' tokens are random: the cost of mutual scoring depends on the tokens' shapes, not their values,
-and encoding every image of a pool of 128 at 518 px would take an hour on a few CPU cores.
+(:meth:`~anomalib_anomalyclip.method.torch_model.AnomalyCLIPModel.encode_pool_member`: the visual encoder, the prompts'
+score and map, and the mutual-scoring tokens) on a few images after a warm-up, then builds a pool of ``N`` members of
+the same shapes and times :meth:`~anomalib_anomalyclip.method.torch_model.AnomalyCLIPModel.score_pool` (LNAMD, MSM,
+maps, RsCIN, fusion). The members' tokens are random: the cost of mutual scoring depends on the tokens' shapes, not
+their values, and encoding every image of a pool of 128 at 518 px would take an hour on a few CPU cores.
 
 Reported per pool: encoder seconds per image, mutual-scoring seconds per image (the pool's time over ``N``), their
 ratio, the pool's tokens in memory, the process's peak resident memory, and how much the scoring adds to the memory the
@@ -61,8 +61,8 @@ class MutualCost:
 
 def measure_pool(backbone: str, image_size: int, pool: int, encoded: int = 2, blocks: Sequence[int] = ()) -> MutualCost:
     """Time the encoder on ``encoded`` images and mutual scoring on a pool of ``pool`` images (see the module)."""
-    from anomalib_anomalyclip.mutual import MutualScoring
-    from anomalib_anomalyclip.torch_model import AnomalyCLIPModel, EncodedBatch
+    from anomalib_anomalyclip.method.mutual import MutualScoring
+    from anomalib_anomalyclip.method.torch_model import AnomalyCLIPModel, EncodedBatch
 
     torch.manual_seed(MODEL_SEED)
     model = AnomalyCLIPModel(backbone=backbone, pretrained=None, image_size=image_size).eval()

@@ -32,8 +32,8 @@ from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.metrics import AUROC, Evaluator
 
-from anomalib_anomalyclip.lightning_model import AnomalyCLIP
-from anomalib_anomalyclip.mutual import MutualScoring, minimum_pool, split_pool
+from anomalib_anomalyclip.integration.lightning_model import AnomalyCLIP
+from anomalib_anomalyclip.method.mutual import MutualScoring, minimum_pool, split_pool
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 from .few_shot_study import TARGET_KINDS, Row, StudyConfig, generate_auxiliary, mean_by_setting, train_prompts

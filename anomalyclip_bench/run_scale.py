@@ -77,7 +77,7 @@ def prepare_models(folder: Path) -> tuple[Path, Path]:
     """The tiny CLIP's weights and seeded untrained prompts for it, written once into ``folder``."""
     import torch
 
-    from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
+    from anomalib_anomalyclip.method.prompts import PromptConfig, PromptLearner, save_prompts
     from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ def _child(arguments: list[str]) -> None:
     import torch
     from anomalib.cli import AnomalibCLI
 
-    from anomalib_anomalyclip.anomalib_patches import install
+    from anomalib_anomalyclip.cli.patches import install
 
     install()  # as the ``anomalib`` command does for this package's models
 

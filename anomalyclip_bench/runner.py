@@ -121,7 +121,7 @@ def build_evaluator(levels: Sequence[str], extra_metrics: Sequence[str] = ()) ->
     """
     from anomalib.metrics import Evaluator
 
-    from anomalib_anomalyclip.lightning_model import AnomalyCLIP
+    from anomalib_anomalyclip.integration.lightning_model import AnomalyCLIP
 
     metrics = [
         metric for metric in AnomalyCLIP.configure_evaluator().test_metrics if metric.name.split("_")[0] in levels
@@ -450,7 +450,7 @@ def _needs_validation(model: Any) -> bool:
 
 
 def _is_anomalyclip(model: Any) -> bool:
-    from anomalib_anomalyclip.lightning_model import AnomalyCLIP
+    from anomalib_anomalyclip.integration.lightning_model import AnomalyCLIP
 
     return isinstance(model, AnomalyCLIP)
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from anomalib_anomalyclip.lightning_model import AnomalyCLIP
+from anomalib_anomalyclip.integration.lightning_model import AnomalyCLIP
 from anomalib_anomalyclip.testing.toy_data import category_style, make_mvtec_like_dataset
 
 from .few_shot_study import (

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_anomalyclip.config import Tiling
-from anomalib_anomalyclip.lightning_model import AnomalyCLIP
-from anomalib_anomalyclip.pre_processor import clip_pre_processor
-from anomalib_anomalyclip.resize import resize_mask_like_pil
+from anomalib_anomalyclip.integration.lightning_model import AnomalyCLIP
+from anomalib_anomalyclip.integration.pre_processor import clip_pre_processor
+from anomalib_anomalyclip.method.resize import resize_mask_like_pil
+from anomalib_anomalyclip.method.tiling import TilingConfig, tiling_config
 from anomalib_anomalyclip.testing.small_defects import SMALL_DEFECT_KINDS, SPLITS, small_defect_split
-from anomalib_anomalyclip.tiling import TilingConfig, tiling_config
 
 __all__ = [
     "SETTINGS",

@@ -13,7 +13,7 @@ process on the same images, one image per call after one warm-up call:
 * ``openvino-fp16``, ``openvino-int8``, ``openvino-int8-ptq``: anomalib's compression
   options (FP16 weights; INT8 weights; INT8 post-training quantisation calibrated on
   synthetic MVTec-format images);
-* ``eager-fp32-tiled-N`` (N = 1, 4, 9, 16): tiled inference (:mod:`anomalib_anomalyclip.tiling`) with N tiles of
+* ``eager-fp32-tiled-N`` (N = 1, 4, 9, 16): tiled inference (:mod:`anomalib_anomalyclip.method.tiling`) with N tiles of
   the input size, at a working size of sqrt(N) times the input size, plus the global view: N + 1 encoder inputs per
   image in one call; after the table, each one's time per image against N + 1 times eager fp32's;
 * ``clip-visual-fp32``: open_clip's plain visual forward at the same size (no DPAM, no
@@ -228,7 +228,7 @@ def prompt_file(args: argparse.Namespace, work_dir: Path) -> Path:
     """Seeded prompts for the backbone's text width, written once (a model needs prompts to export)."""
     import open_clip
 
-    from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
+    from anomalib_anomalyclip.method.prompts import PromptConfig, PromptLearner, save_prompts
 
     path = work_dir / f"prompts_{args.backbone}.pt"
     if not path.exists():
@@ -374,7 +374,7 @@ def load_flavour(
         return reference_implementation(args, work_dir), None
     if flavour.export_type is None:
         return eager_model(flavour, args, work_dir)
-    from anomalib_anomalyclip.exported_model import ExportedGraph
+    from anomalib_anomalyclip.integration.exported_model import ExportedGraph
 
     path = artifact_path(flavour, work_dir)
     if flavour.export_type == "torch":
@@ -418,8 +418,8 @@ def reference_implementation(args: argparse.Namespace, work_dir: Path) -> Callab
     """The reference code with the weights and prompts of ``build_model`` (same seed, same prompt file)."""
     from anomalib.data import InferenceBatch
 
-    from anomalib_anomalyclip.backbone import load_clip
-    from anomalib_anomalyclip.prompts import read_prompt_checkpoint
+    from anomalib_anomalyclip.method.backbone import load_clip
+    from anomalib_anomalyclip.method.prompts import read_prompt_checkpoint
     from anomalyclip_bench.reference_anomalyclip import load_reference
 
     torch.manual_seed(MODEL_SEED)  # the random CLIP of build_model: same seed, same loader

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from anomalib_anomalyclip.mutual import MutualScoring, mutual_patch_scores, score_pool, upsample_maps
+from anomalib_anomalyclip.method.mutual import MutualScoring, mutual_patch_scores, score_pool, upsample_maps
 
 
 def _synchronise(device: torch.device) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
+from anomalib_anomalyclip.method.prompts import PromptConfig, PromptLearner, save_prompts
 from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 from anomalyclip_bench.few_shot_study import AUXILIARY_KINDS, fit_prompts

@@ -163,7 +163,7 @@ def _train(args: argparse.Namespace, mode: str, model: Any, datamodule: Any) -> 
     import torch
     from lightning.pytorch import Callback, Trainer
 
-    from anomalib_anomalyclip.feature_cache import FeatureLayout
+    from anomalib_anomalyclip.integration.feature_cache import FeatureLayout
 
     epoch_seconds: list[float] = []
 

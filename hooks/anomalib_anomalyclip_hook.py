@@ -10,7 +10,7 @@ tiny import hook, so that unrelated programs pay nothing measurable:
   is imported and registered (``anomalib_anomalyclip._registry.register``), so that every place
   where anomalib resolves a model name sees the class before it looks;
 * when ``anomalib`` itself is imported by the ``anomalib`` command, the warnings of anomalib's own
-  imports are silenced if the command names AnomalyCLIP (``anomalib_anomalyclip.logs.quiet_command_line``):
+  imports are silenced if the command names AnomalyCLIP (``anomalib_anomalyclip.cli.logs.quiet_command_line``):
   they are printed before the model is known.
 
 Only ``sys`` is imported and annotations are strings: ``typing`` would cost ~10 ms,
@@ -40,7 +40,7 @@ def _quiet_anomalib_command() -> None:
     program = sys.argv[0].replace("\\", "/").rsplit("/", 1)[-1] if sys.argv else ""
     if program.split(".")[0] != "anomalib":
         return
-    logs = f"{PACKAGE}.logs"
+    logs = f"{PACKAGE}.cli.logs"
     __import__(logs)
     sys.modules[logs].quiet_command_line(sys.argv[1:])
 

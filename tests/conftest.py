@@ -91,7 +91,7 @@ def tiny_prompt_path(tmp_path_factory: pytest.TempPathFactory, tiny_clip_config:
     """Seeded, untrained prompts in our checkpoint format for the tiny CLIP's text width."""
     import torch
 
-    from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
+    from anomalib_anomalyclip.method.prompts import PromptConfig, PromptLearner, save_prompts
 
     learner = PromptLearner(PromptConfig(width=tiny_clip_config.text_width), torch.Generator().manual_seed(7))
     return save_prompts(learner, tmp_path_factory.mktemp("prompts") / "tiny_prompts.pt")

@@ -1,4 +1,4 @@
-"""The patches of anomalib's code (anomalib_anomalyclip.anomalib_patches): still fitting, and doing their job.
+"""The patches of anomalib's code (anomalib_anomalyclip.cli.patches): still fitting, and doing their job.
 
 Each patched function's parameters are pinned: an anomalib, Lightning or jsonargparse release that changes one
 fails here, naming the patch to revisit (its docstring says why it exists and what the upstream fix would be).
@@ -16,9 +16,9 @@ from anomalib.cli.cli import AnomalibCLI
 from anomalib.engine import Engine
 
 from anomalib_anomalyclip import AnomalyCLIP
-from anomalib_anomalyclip.anomalib_patches import PATCHED, TRAINER_SETTINGS, cut_training_to_one_batch, install
-from anomalib_anomalyclip.cli_support import unknown_argument_message
-from anomalib_anomalyclip.logs import names_anomalyclip, quiet_command_line
+from anomalib_anomalyclip.cli.logs import names_anomalyclip, quiet_command_line
+from anomalib_anomalyclip.cli.patches import PATCHED, TRAINER_SETTINGS, cut_training_to_one_batch, install
+from anomalib_anomalyclip.cli.support import unknown_argument_message
 
 PARAMETERS = {
     "cli arguments": ["self", "args", "run"],

@@ -34,7 +34,7 @@ RUN_TIMEOUT_MS = 120_000
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """8 generated images (2 anomalous) in ``images/``, 3 normal references, a corrupt PNG, the prompts file."""
-    from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
+    from anomalib_anomalyclip.method.prompts import PromptConfig, PromptLearner, save_prompts
 
     root = tmp_path_factory.mktemp("app_batch")
     dataset = make_mvtec_like_dataset(

@@ -69,7 +69,7 @@ def test_histogram_draws_the_threshold_and_colours_the_bins() -> None:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six generated images in ``images/`` and a prompt file."""
-    from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
+    from anomalib_anomalyclip.method.prompts import PromptConfig, PromptLearner, save_prompts
 
     root = tmp_path_factory.mktemp("app_service")
     dataset = make_mvtec_like_dataset(root / "toy", categories=["alpha"], n_test_good=4, n_test_defect=2, seed=5)
@@ -138,7 +138,7 @@ def test_anomalib_gradio_tool_calls_work_with_an_exported_model(
     from anomalib.deploy import OpenVINOInferencer, TorchInferencer
     from anomalib.visualization.image.functional import overlay_image, visualize_anomaly_map, visualize_mask
 
-    from anomalib_anomalyclip.exported_model import ExportedGraph
+    from anomalib_anomalyclip.integration.exported_model import ExportedGraph
 
     monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # the tool's TorchInferencer unpickles the .pt file
     image = Image.open(sorted((workspace / "images").glob("*.png"))[0]).convert("RGB")

@@ -9,7 +9,7 @@ import open_clip
 import pytest
 import torch
 
-from anomalib_anomalyclip.backbone import WeightsUnavailableError, load_clip
+from anomalib_anomalyclip.method.backbone import WeightsUnavailableError, load_clip
 from anomalib_anomalyclip.testing.tiny_clip import (
     TinyClipConfig,
     build_tiny_clip,

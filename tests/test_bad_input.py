@@ -19,10 +19,10 @@ from anomalib.engine import Engine
 from PIL import Image
 
 from anomalib_anomalyclip import AnomalyCLIP
-from anomalib_anomalyclip.backbone import WeightsUnavailableError
-from anomalib_anomalyclip.callbacks import CSV_COLUMNS
 from anomalib_anomalyclip.data import AuxiliaryDataModule, BadImageError, PredictFolder
-from anomalib_anomalyclip.prompts import PromptCheckpointError, PromptConfig, PromptLearner, save_prompts
+from anomalib_anomalyclip.integration.callbacks import CSV_COLUMNS
+from anomalib_anomalyclip.method.backbone import WeightsUnavailableError
+from anomalib_anomalyclip.method.prompts import PromptCheckpointError, PromptConfig, PromptLearner, save_prompts
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 IMAGE_SIZE = 56

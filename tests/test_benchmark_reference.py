@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from anomalib_anomalyclip.prompts import convert_reference_state
+from anomalib_anomalyclip.method.prompts import convert_reference_state
 from anomalyclip_bench import reference_anomalyclip
 
 

@@ -425,7 +425,7 @@ def test_anomalyclip_is_built_once_per_dataset_and_scores_as_if_rebuilt(
 ) -> None:
     """Reused across categories and scored once per image, zero-shot AnomalyCLIP reports what a rebuilt, validated
     model (anomalib's Engine.fit + test, as before) reports."""
-    from anomalib_anomalyclip.dpam import DualPathVisualEncoder
+    from anomalib_anomalyclip.method.dpam import DualPathVisualEncoder
     from anomalyclip_bench import runner as runner_module
 
     content = {

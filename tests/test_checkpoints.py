@@ -15,7 +15,7 @@ from anomalib.engine.plugins.checkpoint_io import AnomalibCheckpointIO
 from lightning.pytorch import Trainer
 
 from anomalib_anomalyclip import AnomalyCLIP
-from anomalib_anomalyclip.checkpoints import (
+from anomalib_anomalyclip.integration.checkpoints import (
     CheckpointFileError,
     CheckpointNotFoundError,
     check_checkpoint_io,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
+from anomalib_anomalyclip.method.prompts import PromptConfig, PromptLearner, save_prompts
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from test_cli_end_to_end import anomalib_cli
 
-from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
+from anomalib_anomalyclip.method.prompts import PromptConfig, PromptLearner, save_prompts
 
 pytestmark = pytest.mark.slow
 

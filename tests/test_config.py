@@ -14,7 +14,7 @@ import yaml
 from anomalib.cli import AnomalibCLI
 
 from anomalib_anomalyclip import AnomalyCLIP
-from anomalib_anomalyclip.anomalib_patches import install
+from anomalib_anomalyclip.cli.patches import install
 from anomalib_anomalyclip.config import (
     GROUPS,
     AnomalyCLIPConfig,

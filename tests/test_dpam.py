@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomalib_anomalyclip.backbone import load_clip
-from anomalib_anomalyclip.dpam import DualPathVisualEncoder
+from anomalib_anomalyclip.method.backbone import load_clip
+from anomalib_anomalyclip.method.dpam import DualPathVisualEncoder
 
 
 @pytest.fixture(scope="module")

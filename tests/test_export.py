@@ -22,12 +22,12 @@ from anomalib.engine import Engine
 from lightning.pytorch import Trainer
 
 from anomalib_anomalyclip import AnomalyCLIP, ExportedAnomalyCLIP
-from anomalib_anomalyclip.export import ExportUnavailableError
-from anomalib_anomalyclip.exported_model import DEFAULT_OPENVINO_CONFIG
-from anomalib_anomalyclip.inference_model import AnomalyCLIPInferenceModel
-from anomalib_anomalyclip.lightning_model import PromptsUnavailableError
-from anomalib_anomalyclip.prompt_plan import PromptState
-from anomalib_anomalyclip.prompts import PromptConfig, PromptLearner, save_prompts
+from anomalib_anomalyclip.integration.export import ExportUnavailableError
+from anomalib_anomalyclip.integration.exported_model import DEFAULT_OPENVINO_CONFIG
+from anomalib_anomalyclip.integration.lightning_model import PromptsUnavailableError
+from anomalib_anomalyclip.integration.prompt_plan import PromptState
+from anomalib_anomalyclip.method.inference_model import AnomalyCLIPInferenceModel
+from anomalib_anomalyclip.method.prompts import PromptConfig, PromptLearner, save_prompts
 from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
@@ -298,7 +298,7 @@ def test_cli_export_then_predict(workspace: Path, clip_path: Path, prompt_path: 
 def test_bf16_hint_is_refused_on_cpus_without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     import openvino
 
-    from anomalib_anomalyclip.exported_model import check_precision_hint
+    from anomalib_anomalyclip.integration.exported_model import check_precision_hint
 
     class CoreWithoutBf16:
         def get_property(self, device: str, name: str) -> list[str]:

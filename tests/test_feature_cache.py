@@ -17,7 +17,7 @@ from lightning.pytorch import Trainer
 from torchvision.transforms.v2 import Compose, Grayscale, Normalize, RandomHorizontalFlip, Resize
 
 from anomalib_anomalyclip.data import AuxiliaryDataModule
-from anomalib_anomalyclip.feature_cache import (
+from anomalib_anomalyclip.integration.feature_cache import (
     DATA_NAME,
     INDEX_NAME,
     CacheStats,
@@ -30,9 +30,9 @@ from anomalib_anomalyclip.feature_cache import (
     open_feature_cache,
     training_feature_cache,
 )
-from anomalib_anomalyclip.lightning_model import AnomalyCLIP
+from anomalib_anomalyclip.integration.lightning_model import AnomalyCLIP
+from anomalib_anomalyclip.method.torch_model import AnomalyCLIPModel
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
-from anomalib_anomalyclip.torch_model import AnomalyCLIPModel
 
 SIZE = 28
 EPOCHS = 3
@@ -124,7 +124,7 @@ def test_cached_training_learns_the_prompts_of_uncached_training(
     tiny_clip_path: Path, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     uncached = _fit(tiny_clip_path, data_root, tmp_path / "uncached", feature_cache=False)
-    with caplog.at_level(logging.INFO, logger="anomalib_anomalyclip.feature_cache"):
+    with caplog.at_level(logging.INFO, logger="anomalib_anomalyclip.integration.feature_cache"):
         cached = _fit(tiny_clip_path, data_root, tmp_path / "cached")
     expected = uncached.model.prompt_learner.state_dict()
     for name, tensor in cached.model.prompt_learner.state_dict().items():
@@ -152,7 +152,7 @@ def test_validation_during_fit_is_served_from_the_cache(
     tiny_clip_path: Path, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     uncached, uncached_images = _fit_counting(tiny_clip_path, data_root, tmp_path / "uncached", feature_cache=False)
-    with caplog.at_level(logging.INFO, logger="anomalib_anomalyclip.feature_cache"):
+    with caplog.at_level(logging.INFO, logger="anomalib_anomalyclip.integration.feature_cache"):
         cached, cached_images = _fit_counting(tiny_clip_path, data_root, tmp_path / "cached")
     # 12 labelled images, trained on and validated on, 3 epochs.
     assert uncached_images == EPOCHS * (12 + 12)
@@ -169,7 +169,7 @@ def test_validation_with_other_pre_processing_runs_the_encoder(
     tiny_clip_path: Path, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     other = {"val_augmentations": Compose([Grayscale(num_output_channels=3)])}
-    with caplog.at_level(logging.INFO, logger="anomalib_anomalyclip.feature_cache"):
+    with caplog.at_level(logging.INFO, logger="anomalib_anomalyclip.integration.feature_cache"):
         _, encoded_images = _fit_counting(tiny_clip_path, data_root, tmp_path, data_args=other)
     assert encoded_images == 12 + EPOCHS * 12
     assert "not used for validation: the validation images are pre-processed differently" in caplog.text
@@ -179,7 +179,7 @@ def test_persistent_cache_is_reused_by_the_next_run(
     tiny_clip_path: Path, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     directory = tmp_path / "cache"
-    with caplog.at_level(logging.INFO, logger="anomalib_anomalyclip.feature_cache"):
+    with caplog.at_level(logging.INFO, logger="anomalib_anomalyclip.integration.feature_cache"):
         first = _fit(tiny_clip_path, data_root, tmp_path / "first", feature_cache_dir=str(directory))
         second = _fit(tiny_clip_path, data_root, tmp_path / "second", feature_cache_dir=str(directory))
     assert [(entry.hits, entry.misses) for entry in _epoch_stats(caplog)] == [(0, 12), *[(12, 0)] * 5]
@@ -272,7 +272,7 @@ def test_foreign_index_in_the_cache_folder_is_not_read(
     index = json.loads((cache.directory / INDEX_NAME).read_text())
     index["key"]["feature_layers"] = [12]
     (cache.directory / INDEX_NAME).write_text(json.dumps(index))
-    with caplog.at_level(logging.WARNING, logger="anomalib_anomalyclip.feature_cache"):
+    with caplog.at_level(logging.WARNING, logger="anomalib_anomalyclip.integration.feature_cache"):
         reopened = _open(encoder, image_paths, tmp_path)
     assert "written for other features" in caplog.text
     assert reopened.filled == 0
@@ -326,7 +326,7 @@ def test_augmented_training_images_switch_the_cache_off(caplog: pytest.LogCaptur
     dataset = SimpleNamespace(samples=SimpleNamespace(columns=["image_path"]), augmentations=flip)
     trainer = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=dataset))
     module = SimpleNamespace(pre_processor=SimpleNamespace(transform=Resize(28)))
-    with caplog.at_level(logging.INFO, logger="anomalib_anomalyclip.feature_cache"):
+    with caplog.at_level(logging.INFO, logger="anomalib_anomalyclip.integration.feature_cache"):
         assert training_feature_cache(trainer, module) is None
     assert "augmented (RandomHorizontalFlip)" in caplog.text
 

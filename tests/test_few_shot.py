@@ -12,15 +12,15 @@ from anomalib import LearningType
 from PIL import Image
 
 from anomalib_anomalyclip.data.images import BadImageError
-from anomalib_anomalyclip.dpam import Tap, TokenPath
-from anomalib_anomalyclip.few_shot import (
+from anomalib_anomalyclip.integration.lightning_model import AnomalyCLIP
+from anomalib_anomalyclip.method.dpam import Tap, TokenPath
+from anomalib_anomalyclip.method.few_shot import (
     FewShotFusion,
     FewShotScorer,
     choose_references,
     fuse,
     nearest_distances,
 )
-from anomalib_anomalyclip.lightning_model import AnomalyCLIP
 
 IMAGE_SIZE = 56
 

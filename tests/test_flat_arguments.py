@@ -15,7 +15,7 @@ import pytest
 import yaml
 from test_cli_end_to_end import anomalib_cli
 
-from anomalib_anomalyclip.cli_arguments import upgrade_command_line
+from anomalib_anomalyclip.cli.arguments import upgrade_command_line
 from anomalib_anomalyclip.config import AnomalyCLIPConfig, MutualScoring, Tiling, upgrade
 
 FIXTURES = Path(__file__).parent / "fixtures" / "flat_arguments"

@@ -88,3 +88,18 @@ def test_the_package_has_no_import_cycle() -> None:
         name: {target for target in targets if not name.startswith(target + ".")} for name, targets in graph.items()
     }
     assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+
+
+def _is_lightning(target: str) -> bool:
+    return any(target == part or target.startswith(f"{part}.") for part in LIGHTNING_PARTS)
+
+
+def test_the_method_layer_imports_no_lightning_and_nothing_of_the_layers_above() -> None:
+    below = tuple(f"{NAME}.{name}" for name in ("method", "config", "errors", "weights", "cache"))
+    found = sorted(
+        f"{path.name}: {target}"
+        for path in (PACKAGE / "method").rglob("*.py")
+        for target in _imports(_module_name(path), path)
+        if _is_lightning(target) or (target.startswith(f"{NAME}.") and not target.startswith(below))
+    )
+    assert not found, found

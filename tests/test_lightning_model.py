@@ -11,9 +11,9 @@ import torch
 from anomalib import LearningType
 
 from anomalib_anomalyclip.data.samples import has_pixel_mask
-from anomalib_anomalyclip.lightning_model import AnomalyCLIP, PromptsUnavailableError
-from anomalib_anomalyclip.prompt_plan import plan_prompts
-from anomalib_anomalyclip.prompts import PromptCheckpointError, PromptConfig, PromptLearner, save_prompts
+from anomalib_anomalyclip.integration.lightning_model import AnomalyCLIP, PromptsUnavailableError
+from anomalib_anomalyclip.integration.prompt_plan import plan_prompts
+from anomalib_anomalyclip.method.prompts import PromptCheckpointError, PromptConfig, PromptLearner, save_prompts
 
 
 @pytest.fixture(scope="module")

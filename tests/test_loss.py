@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from anomalib_anomalyclip.loss import GlocalLoss, dice_loss, focal_loss, local_loss
+from anomalib_anomalyclip.method.loss import GlocalLoss, dice_loss, focal_loss, local_loss
 
 
 def _focal_by_hand(p_abnormal: float, label: int) -> float:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from anomalib_anomalyclip.backbone import _offline_message
+from anomalib_anomalyclip.cli.preflight import dataset_problem, format_report
 from anomalib_anomalyclip.data import AuxiliaryDataModule
-from anomalib_anomalyclip.preflight import dataset_problem, format_report
+from anomalib_anomalyclip.method.backbone import _offline_message
 
 
 def test_the_report_counts_what_is_missing_in_words() -> None:

@@ -11,8 +11,8 @@ from anomalib.metrics import AUPRO
 from skimage.measure import label, regionprops
 from sklearn.metrics import auc
 
-from anomalib_anomalyclip.lightning_model import AnomalyCLIP
-from anomalib_anomalyclip.metrics import PaperAUPRO
+from anomalib_anomalyclip.integration.lightning_model import AnomalyCLIP
+from anomalib_anomalyclip.integration.metrics import PaperAUPRO
 
 
 def definition_aupro(masks: np.ndarray, maps: np.ndarray, steps: int = 200, fpr_limit: float = 0.3) -> float:

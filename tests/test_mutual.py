@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomalib_anomalyclip.mutual import (
+from anomalib_anomalyclip.method.mutual import (
     MutualScoring,
     lnamd,
     minimum_pool,

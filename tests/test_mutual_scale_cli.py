@@ -11,7 +11,7 @@ import pytest
 from test_mutual_scoring_cli import counting_encoder
 
 from anomalib_anomalyclip.cache import CACHE_ENV_VAR
-from anomalib_anomalyclip.pool_state import PoolState
+from anomalib_anomalyclip.integration.pool_state import PoolState
 from anomalib_anomalyclip.testing.toy_data import write_image_folder
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def patched_cli() -> Iterator[None]:
     """anomalib's command line as the ``anomalib`` command runs it for this package's models."""
     from anomalib.cli import AnomalibCLI  # noqa: F401
 
-    from anomalib_anomalyclip.anomalib_patches import install
+    from anomalib_anomalyclip.cli.patches import install
 
     install()
     yield

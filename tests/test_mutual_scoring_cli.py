@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from anomalib_anomalyclip import AnomalyCLIP  # also makes the short name known to anomalib's CLI
-from anomalib_anomalyclip.dpam import DualPathVisualEncoder
 from anomalib_anomalyclip.errors import AnomalyCLIPError, ExportUnavailableError
+from anomalib_anomalyclip.method.dpam import DualPathVisualEncoder
 from anomalib_anomalyclip.testing.toy_data import make_mvtec_like_dataset
 
 pytestmark = pytest.mark.slow

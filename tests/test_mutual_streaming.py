@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 
 from anomalib_anomalyclip import AnomalyCLIP
 from anomalib_anomalyclip.data.predict import ImageFolderDataset
-from anomalib_anomalyclip.pool_scoring import MutualPoolError, PoolSettings, assign_subsets, score_pools
-from anomalib_anomalyclip.pool_state import PoolState, PoolStateError
+from anomalib_anomalyclip.integration.pool_scoring import MutualPoolError, PoolSettings, assign_subsets, score_pools
+from anomalib_anomalyclip.integration.pool_state import PoolState, PoolStateError
 from anomalib_anomalyclip.testing.toy_data import write_image_folder
 
 IMAGES = 16  # pool size 5: three subsets of 6, 5 and 5 images

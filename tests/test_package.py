@@ -67,7 +67,7 @@ def test_the_library_never_imports_the_benchmark_tooling() -> None:
         capture_output=True, text=True, check=True, env=env, cwd=REPO_ROOT, timeout=600,
     )  # fmt: skip
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {"anomalib_anomalyclip.torch_model", "anomalib_anomalyclip.testing.toy_data"} <= set(report["walked"])
+    assert {"anomalib_anomalyclip.method.torch_model", "anomalib_anomalyclip.testing.toy_data"} <= set(report["walked"])
     assert report["failed"] == {}
     assert report["bench"] == []
 
@@ -83,7 +83,7 @@ def test_unknown_attribute_raises_attribute_error() -> None:
 
 
 def test_anomaly_clip_model_is_resolved_lazily() -> None:
-    torch_model = pytest.importorskip("anomalib_anomalyclip.torch_model")
+    torch_model = pytest.importorskip("anomalib_anomalyclip.method.torch_model")
     assert anomalib_anomalyclip.AnomalyCLIPModel is torch_model.AnomalyCLIPModel
 
 

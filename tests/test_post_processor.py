@@ -6,7 +6,7 @@ import pytest
 import torch
 from anomalib.data import ImageBatch
 
-from anomalib_anomalyclip.post_processor import PIXEL_HISTOGRAM_BINS, ProbabilityPostProcessor
+from anomalib_anomalyclip.integration.post_processor import PIXEL_HISTOGRAM_BINS, ProbabilityPostProcessor
 
 
 def _batch(labels: list[int], generator: torch.Generator) -> ImageBatch:
@@ -68,7 +68,7 @@ def test_a_score_at_the_threshold_gets_one_decision_eager_and_exported() -> None
     import torch
     from anomalib.data import InferenceBatch
 
-    from anomalib_anomalyclip.post_processor import DECISION_MARGIN, ProbabilityPostProcessor
+    from anomalib_anomalyclip.integration.post_processor import DECISION_MARGIN, ProbabilityPostProcessor
 
     processor = ProbabilityPostProcessor()
     processor.set_probability_scale(1.0)

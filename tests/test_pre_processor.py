@@ -21,8 +21,8 @@ from torchvision import tv_tensors
 
 from anomalib_anomalyclip import AnomalyCLIP
 from anomalib_anomalyclip.data import AuxiliaryDataModule
-from anomalib_anomalyclip.pre_processor import AnomalyCLIPPreProcessor, ReferenceResize
-from anomalib_anomalyclip.resize import resize_image_like_pil, resize_mask_like_pil
+from anomalib_anomalyclip.integration.pre_processor import AnomalyCLIPPreProcessor, ReferenceResize
+from anomalib_anomalyclip.method.resize import resize_image_like_pil, resize_mask_like_pil
 
 SIZE = 518
 SHAPES = [(1024, 1024), (1000, 1500)]  # (height, width)

@@ -6,7 +6,7 @@ import pytest
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DistributedSampler
 
-from anomalib_anomalyclip.callbacks import merge_rank_rows
+from anomalib_anomalyclip.integration.callbacks import merge_rank_rows
 
 PATHS = [f"/images/{index:02d}.png" for index in range(13)]
 

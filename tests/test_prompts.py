@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from anomalib_anomalyclip.backbone import load_clip
-from anomalib_anomalyclip.prompts import (
+from anomalib_anomalyclip.method.backbone import load_clip
+from anomalib_anomalyclip.method.prompts import (
     PromptCheckpointError,
     PromptConfig,
     PromptLearner,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from anomalib_anomalyclip.scoring import (
+from anomalib_anomalyclip.method.scoring import (
     TEMPERATURE,
     GaussianSmoothing,
     image_scores,

@@ -14,8 +14,8 @@ from anomalib_anomalyclip.data.anomaly_synthesis import SYNTHETIC_LABEL
 from anomalib_anomalyclip.data.auxiliary import AuxiliaryDataModule
 from anomalib_anomalyclip.data.images import read_image, read_mask
 from anomalib_anomalyclip.data.synthetic_preview import PREVIEW_NAME, SyntheticPreview
-from anomalib_anomalyclip.feature_cache import cacheable_inputs
-from anomalib_anomalyclip.lightning_model import AnomalyCLIP
+from anomalib_anomalyclip.integration.feature_cache import cacheable_inputs
+from anomalib_anomalyclip.integration.lightning_model import AnomalyCLIP
 from anomalib_anomalyclip.testing.toy_data import category_style, make_mvtec_like_dataset
 
 KINDS = {"tex": "texture", "obj": "object", "gray": "grayscale"}

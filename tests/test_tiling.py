@@ -19,16 +19,16 @@ from lightning.pytorch.trainer.states import TrainerFn
 from anomalib_anomalyclip import AnomalyCLIP
 from anomalib_anomalyclip.config import Tiling
 from anomalib_anomalyclip.errors import AnomalyCLIPError
-from anomalib_anomalyclip.pre_processor import AnomalyCLIPPreProcessor, clip_pre_processor, follow_tiling
-from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
-from anomalib_anomalyclip.tiled_model import check_tiled_export, check_tiled_training
-from anomalib_anomalyclip.tiling import (
+from anomalib_anomalyclip.integration.pre_processor import AnomalyCLIPPreProcessor, clip_pre_processor, follow_tiling
+from anomalib_anomalyclip.method.tiled_model import check_tiled_export, check_tiled_training
+from anomalib_anomalyclip.method.tiling import (
     TileFusion,
     TilingError,
     cut_views,
     join_tiles,
     tiling_config,
 )
+from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
 
 SIZE = 56
 WORKING = (140, 168)  # 3 x 4 tiles at stride 42 (flush last tiles), 12 tiles in all
@@ -116,7 +116,7 @@ def test_maps_come_at_the_working_size_and_batches_score_as_single_images(
     with torch.inference_mode():
         batch = model.model(images)
         alone = [model.model(image[None]) for image in images]
-        monkeypatch.setattr("anomalib_anomalyclip.tiling.VIEWS_PER_CALL", 1)  # one image per encoder call
+        monkeypatch.setattr("anomalib_anomalyclip.method.tiling.VIEWS_PER_CALL", 1)  # one image per encoder call
         chunked = model.model(images)
     assert batch.anomaly_map.shape == (3, 1, *WORKING) and batch.pred_score.shape == (3,)
     assert torch.allclose(batch.anomaly_map, torch.cat([out.anomaly_map for out in alone]), atol=1e-5)

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from anomalib_anomalyclip import AnomalyCLIP
-from anomalib_anomalyclip.exported_model import DEFAULT_OPENVINO_CONFIG
+from anomalib_anomalyclip.integration.exported_model import DEFAULT_OPENVINO_CONFIG
+from anomalib_anomalyclip.method.tiling import TilingError
 from anomalib_anomalyclip.testing.tiny_clip import TinyClipConfig, save_openai_state_dict
-from anomalib_anomalyclip.tiling import TilingError
 
 HEIGHT, WIDTH = 1536, 2048
 SIZE = 256

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from anomalib_anomalyclip.loss import GlocalLoss
-from anomalib_anomalyclip.prompts import save_prompts
-from anomalib_anomalyclip.torch_model import AnomalyCLIPModel, TrainingOutput
+from anomalib_anomalyclip.method.loss import GlocalLoss
+from anomalib_anomalyclip.method.prompts import save_prompts
+from anomalib_anomalyclip.method.torch_model import AnomalyCLIPModel, TrainingOutput
 
 
 @pytest.fixture(scope="module")

@@ -45,9 +45,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, value in OFFLINE_GRADIO.items():
         os.environ.setdefault(name, value)
     options, model_words = parse_arguments(argv)
-    from ..errors import AnomalyCLIPError
-    from .page import build_page, launch
-    from .service import BatchScorer, ModelArguments
+    from anomalib_anomalyclip.app.page import build_page, launch
+    from anomalib_anomalyclip.app.service import BatchScorer, ModelArguments
+    from anomalib_anomalyclip.errors import AnomalyCLIPError
 
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="anomalyclip-app-"))
     scorer = BatchScorer(ModelArguments(tuple(model_words)), workdir)

@@ -1,8 +1,9 @@
 """What the page offers to download, and the decisions at the page's threshold.
 
 ``predictions.csv`` has the columns of ``anomalib predict``'s file (``path``, ``score``, ``decision``;
-:class:`~anomalib_anomalyclip.callbacks.PredictionCsvWriter`), with the decisions at the threshold chosen on the page:
-at the model's threshold (0.5 on the normalised scale) it is the file the run wrote. The overlays come as one zip.
+:class:`~anomalib_anomalyclip.integration.callbacks.PredictionCsvWriter`), with the decisions at the threshold chosen
+on the page: at the model's threshold (0.5 on the normalised scale) it is the file the run wrote. The overlays come as
+one zip.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .service import ScoredImage
+from anomalib_anomalyclip.app.service import ScoredImage
 
 __all__ = ["MODEL_THRESHOLD", "OVERLAYS_ZIP", "decision", "write_overlay_zip", "write_predictions_csv"]
 
@@ -23,14 +24,16 @@ OVERLAYS_ZIP = "overlays.zip"
 
 def decision(score: float, threshold: float) -> str:
     """``anomalous`` when ``score`` exceeds ``threshold`` by more than the model's decision margin, else ``normal``."""
-    from ..post_processor import DECISION_MARGIN  # here: the page's modules import no torch before the first run
+    from anomalib_anomalyclip.integration.post_processor import (
+        DECISION_MARGIN,  # here: the page's modules import no torch before the first run
+    )
 
     return "anomalous" if score > threshold + DECISION_MARGIN else "normal"
 
 
 def write_predictions_csv(images: Sequence[ScoredImage], threshold: float, folder: Path) -> Path:
     """``folder/predictions.csv``: one row per image, decisions at ``threshold``; the file."""
-    from ..callbacks import CSV_COLUMNS, PREDICTIONS_CSV
+    from anomalib_anomalyclip.integration.callbacks import CSV_COLUMNS, PREDICTIONS_CSV
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / PREDICTIONS_CSV

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ..errors import AnomalyCLIPError
-from .downloads import MODEL_THRESHOLD, decision, write_overlay_zip, write_predictions_csv
-from .histogram import histogram_svg
-from .service import BatchProgress, BatchRequest, BatchResult, BatchScorer, ScoredImage
+from anomalib_anomalyclip.app.downloads import MODEL_THRESHOLD, decision, write_overlay_zip, write_predictions_csv
+from anomalib_anomalyclip.app.histogram import histogram_svg
+from anomalib_anomalyclip.app.service import BatchProgress, BatchRequest, BatchResult, BatchScorer, ScoredImage
+from anomalib_anomalyclip.errors import AnomalyCLIPError
 
 __all__ = ["build_page", "launch"]
 
@@ -110,7 +110,7 @@ def _run(
     tiling: bool,
 ) -> Iterator[tuple[Any, str, str, str | None]]:
     """Score the batch in a worker thread, yielding its progress, then the result, its summary, problems and zip."""
-    from ..data.images import list_image_files
+    from anomalib_anomalyclip.data.images import list_image_files
 
     try:
         files = [Path(path) for path in images or []] + (list_image_files(folder.strip()) if folder.strip() else [])

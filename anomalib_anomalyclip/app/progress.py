@@ -6,7 +6,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from .service import RUNNING
+from anomalib_anomalyclip.app.service import RUNNING
 
 __all__ = ["ProgressCallback"]
 

@@ -4,8 +4,8 @@ Every run is built by anomalib's own command-line class (``AnomalibCLI`` with ``
 arguments the app was started with, plus what the page chose: the references as a few-shot source
 (``--model.k_shot``, ``--model.few_shot.source``), ``--model.mutual.enabled`` and ``--model.tiling.enabled``.
 The images go through :class:`~anomalib_anomalyclip.data.PredictFolder`, and the engine's ``predict`` writes the
-overlays and ``predictions.csv`` (:class:`~anomalib_anomalyclip.callbacks.PredictionCsvWriter`) as it does for
-``anomalib predict``; the page reads that file. Nothing of the scoring is repeated here.
+overlays and ``predictions.csv`` (:class:`~anomalib_anomalyclip.integration.callbacks.PredictionCsvWriter`) as it does
+for ``anomalib predict``; the page reads that file. Nothing of the scoring is repeated here.
 
 Files that the package's reader cannot use are set aside before the run, each with the package's message
 (:func:`~anomalib_anomalyclip.data.images.image_problem`), and the others are scored.
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._registry import register
-from ..errors import AnomalyCLIPError
+from anomalib_anomalyclip._registry import register
+from anomalib_anomalyclip.errors import AnomalyCLIPError
 
 __all__ = ["RUNNING", "BatchProgress", "BatchRequest", "BatchResult", "BatchScorer", "ModelArguments", "ScoredImage"]
 
@@ -252,7 +252,7 @@ class BatchScorer:
 
 def read_predictions(folder: Path) -> list[ScoredImage]:
     """The rows of a run's ``predictions.csv`` (in a run's results ``folder``) with their overlays (``images/``)."""
-    from ..callbacks import PREDICTIONS_CSV
+    from anomalib_anomalyclip.integration.callbacks import PREDICTIONS_CSV
 
     overlays = {path.name: path for path in (folder / "images").rglob("*") if path.is_file()}
     with (folder / PREDICTIONS_CSV).open(newline="", encoding="utf-8") as file:
@@ -281,7 +281,7 @@ def _staged(files: Sequence[Path], folder: Path, bad_files: list[tuple[str, str]
 
     Unreadable files are added to ``bad_files`` with the package's message, and left out.
     """
-    from ..data.images import image_problem
+    from anomalib_anomalyclip.data.images import image_problem
 
     folder.mkdir(parents=True, exist_ok=True)
     staged: list[Path] = []

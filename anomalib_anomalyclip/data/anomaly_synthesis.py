@@ -66,8 +66,8 @@ import torch
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 from PIL import Image
 
-from ..cache import cache_dir
-from .images import IMAGE_EXTENSIONS, BadImageError, list_image_files, read_image
+from anomalib_anomalyclip.cache import cache_dir
+from anomalib_anomalyclip.data.images import IMAGE_EXTENSIONS, BadImageError, list_image_files, read_image
 
 __all__ = [
     "SYNTHETIC_LABEL",

@@ -67,11 +67,11 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Transform
 from torchvision.tv_tensors import Image, Mask
 
-from .anomaly_synthesis import make_anomaly, regeneration_plan
-from .images import BadImageError, read_image, read_mask
-from .samples import check_sample_files, collate_auxiliary, collect_samples, mask_size_message
-from .scanners import SAMPLE_COLUMNS
-from .sources import SourceSpec, source_specs
+from anomalib_anomalyclip.data.anomaly_synthesis import make_anomaly, regeneration_plan
+from anomalib_anomalyclip.data.images import BadImageError, read_image, read_mask
+from anomalib_anomalyclip.data.samples import check_sample_files, collate_auxiliary, collect_samples, mask_size_message
+from anomalib_anomalyclip.data.scanners import SAMPLE_COLUMNS
+from anomalib_anomalyclip.data.sources import SourceSpec, source_specs
 
 __all__ = ["AuxiliaryDataModule", "AuxiliaryDataset"]
 

@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.tv_tensors import Mask
 
-from ..errors import BadImageError
+from anomalib_anomalyclip.errors import BadImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -41,9 +41,9 @@ from pandas import DataFrame
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Transform
 
-from .auxiliary import AuxiliaryDataset
-from .scanners import SAMPLE_COLUMNS, scan_source
-from .sources import SourceSpec
+from anomalib_anomalyclip.data.auxiliary import AuxiliaryDataset
+from anomalib_anomalyclip.data.scanners import SAMPLE_COLUMNS, scan_source
+from anomalib_anomalyclip.data.sources import SourceSpec
 
 __all__ = ["LabelledFolder"]
 

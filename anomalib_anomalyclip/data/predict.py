@@ -24,7 +24,14 @@ from anomalib.data.datamodules.base.image import AnomalibDataModule
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import Transform
 
-from .images import IMAGE_EXTENSIONS, check_files, image_problem, list_image_files, normalise_extensions, read_image
+from anomalib_anomalyclip.data.images import (
+    IMAGE_EXTENSIONS,
+    check_files,
+    image_problem,
+    list_image_files,
+    normalise_extensions,
+    read_image,
+)
 
 __all__ = ["ImageFolderDataset", "PredictFolder"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .images import check_files, list_image_files, read_image
+from anomalib_anomalyclip.data.images import check_files, list_image_files, read_image
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 

@@ -14,9 +14,9 @@ import torch
 from anomalib.data.dataclasses import ImageBatch, ImageItem
 from pandas import DataFrame
 
-from .images import BadImageError, check_files, image_size
-from .scanners import scan_source
-from .sources import SourceSpec
+from anomalib_anomalyclip.data.images import BadImageError, check_files, image_size
+from anomalib_anomalyclip.data.scanners import scan_source
+from anomalib_anomalyclip.data.sources import SourceSpec
 
 __all__ = ["check_sample_files", "collate_auxiliary", "collect_samples", "has_pixel_mask", "mask_size_message"]
 

@@ -15,9 +15,9 @@ import pandas as pd
 from anomalib.data.utils import LabelName
 from pandas import DataFrame
 
-from .anomaly_synthesis import synthetic_rows
-from .images import IMAGE_EXTENSIONS
-from .sources import SourceSpec
+from anomalib_anomalyclip.data.anomaly_synthesis import synthetic_rows
+from anomalib_anomalyclip.data.images import IMAGE_EXTENSIONS
+from anomalib_anomalyclip.data.sources import SourceSpec
 
 __all__ = ["NORMAL_LABEL", "SAMPLE_COLUMNS", "scan_source"]
 

@@ -17,8 +17,8 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from .anomaly_synthesis import SyntheticOptions
-from .images import normalise_extensions
+from anomalib_anomalyclip.data.anomaly_synthesis import SyntheticOptions
+from anomalib_anomalyclip.data.images import normalise_extensions
 
 __all__ = ["SOURCE_FORMATS", "SourceFormat", "SourceSpec", "source_specs"]
 

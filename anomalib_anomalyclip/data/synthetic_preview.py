@@ -22,7 +22,7 @@ import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
-from .anomaly_synthesis import SYNTHETIC_LABEL, read_index
+from anomalib_anomalyclip.data.anomaly_synthesis import SYNTHETIC_LABEL, read_index
 
 __all__ = [
     "BACKGROUND_SHARE",

@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .toy_data import CategoryStyle, _name_code, _rng, _save_image, _save_mask, category_style
+from anomalib_anomalyclip.testing.toy_data import (
+    CategoryStyle,
+    _name_code,
+    _rng,
+    _save_image,
+    _save_mask,
+    category_style,
+)
 
 __all__ = [
     "DEFECT_FOLDER",

@@ -40,7 +40,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .toy_defects import ALL_DEFECT_KINDS, DEFECT_KINDS, add_defect, check_defect_kinds, stain_color
+from anomalib_anomalyclip.testing.toy_defects import (
+    ALL_DEFECT_KINDS,
+    DEFECT_KINDS,
+    add_defect,
+    check_defect_kinds,
+    stain_color,
+)
 
 __all__ = [
     "ALL_DEFECT_KINDS",
