@@ -53,7 +53,8 @@ def predict(tiny_clip_path: Path, tiny_prompt_path: Path) -> Callable[..., Any]:
 
 
 def _rows(root: Path) -> list[list[str]]:
-    (table,) = root.rglob("predictions.csv")
+    """The rows of the newest ``predictions.csv`` under ``root`` (each predict run writes a version of its own)."""
+    table = max(root.rglob("predictions.csv"), key=lambda path: path.stat().st_mtime_ns)
     with table.open(newline="") as file:
         return sorted(csv.reader(file))
 

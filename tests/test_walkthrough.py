@@ -20,8 +20,8 @@ FLOWS = (
     "$ anomalib train --model AnomalyCLIP --model.pretrained clip.pt --model.image_size 56 --model.prompt_weights "
     "prompts.ckpt --model.k_shot 2",
     "$ anomalib predict --model AnomalyCLIP --ckpt_path results/AnomalyCLIP/MVTecAD/gamma/v",
-    "--model.mutual_scoring true",
-    "--model.tile_size 56",
+    "--model.mutual true",
+    "--model.tiling true",
     "$ anomalib export --model AnomalyCLIP --ckpt_path",
     "$ TRUST_REMOTE_CODE=1 anomalib predict --model ExportedAnomalyCLIP --model.path exported/weights/torch/model.pt",
     "$ anomalyclip-benchmark --config",
