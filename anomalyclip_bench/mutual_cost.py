@@ -62,7 +62,8 @@ class MutualCost:
 def measure_pool(backbone: str, image_size: int, pool: int, encoded: int = 2, blocks: Sequence[int] = ()) -> MutualCost:
     """Time the encoder on ``encoded`` images and mutual scoring on a pool of ``pool`` images (see the module)."""
     from anomalib_anomalyclip.method.mutual import MutualScoring
-    from anomalib_anomalyclip.method.torch_model import AnomalyCLIPModel, EncodedBatch
+    from anomalib_anomalyclip.method.pooled_model import EncodedBatch
+    from anomalib_anomalyclip.method.torch_model import AnomalyCLIPModel
 
     torch.manual_seed(MODEL_SEED)
     model = AnomalyCLIPModel(backbone=backbone, pretrained=None, image_size=image_size).eval()

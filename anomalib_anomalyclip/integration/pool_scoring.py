@@ -60,7 +60,8 @@ from anomalib_anomalyclip.method.mutual import (
     upsample_maps,
     value_range,
 )
-from anomalib_anomalyclip.method.torch_model import AnomalyCLIPModel, EncodedBatch
+from anomalib_anomalyclip.method.pooled_model import EncodedBatch
+from anomalib_anomalyclip.method.torch_model import AnomalyCLIPModel
 
 __all__ = ["MutualPoolError", "PoolScores", "PoolSettings", "assign_subsets", "pool_keys", "score_pools"]
 
