@@ -145,3 +145,17 @@ def test_every_user_facing_error_derives_from_the_package_base_error() -> None:
         from anomalib_anomalyclip.weights import resolve_prompt_weights
 
         resolve_prompt_weights("no-such-released-prompts")
+
+
+def test_every_test_fixture_on_disk_is_in_git() -> None:
+    """A fixture that only exists in this checkout makes CI's clean clone fail (an ignored ``*.ckpt`` once did)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def listed(*options: str) -> list[str]:
+        command = ["git", "ls-files", "--others", "--exclude-standard", *options, "tests/fixtures"]
+        return subprocess.run(command, cwd=root, capture_output=True, text=True, check=True).stdout.split()
+
+    outside_git = [path for path in listed() + listed("--ignored") if "__pycache__" not in path]
+    assert outside_git == [], "commit these fixtures (and un-ignore them in .gitignore)"
