@@ -28,7 +28,6 @@ __all__ = [
     "ExportUnavailableError",
     "ExportedFileError",
     "ExportedFileNotFoundError",
-    "MutualScoringExportError",
     "PromptCheckpointError",
     "PromptWeightsError",
     "PromptsUnavailableError",
@@ -104,17 +103,6 @@ class ExportedFileError(AnomalyCLIPError, ValueError):
 
 class ExportedFileNotFoundError(ExportedFileError, FileNotFoundError):
     """``ExportedAnomalyCLIP``'s file does not exist (also a ``FileNotFoundError``)."""
-
-
-class MutualScoringExportError(ExportUnavailableError):
-    """An export of a model that scores images mutually: a graph scores images one by one, without a pool."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "Mutual scoring scores each image against the other images of its pool, and an exported graph scores "
-            "images one by one. Export the prompts' model (--model.mutual false, the same checkpoint), or "
-            "score pools with `anomalib predict --model AnomalyCLIP --model.mutual true --data <dir>`."
-        )
 
 
 class ChoiceError(AnomalyCLIPError, ValueError):

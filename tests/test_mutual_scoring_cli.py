@@ -201,8 +201,11 @@ def test_bad_settings_fail_at_construction_with_a_clear_message(
     assert "mutual" in caplog.text or "LNAMD" in caplog.text  # logged plainly for anomalib's command line
 
 
-def test_export_is_refused_with_what_to_do(tiny_clip_path: Path, tiny_prompt_path: Path, tmp_path: Path) -> None:
+def test_a_torch_export_of_mutual_scoring_is_refused_with_what_to_do(
+    tiny_clip_path: Path, tiny_prompt_path: Path, tmp_path: Path
+) -> None:
     model = AnomalyCLIP(pretrained=str(tiny_clip_path), image_size=56, prompt_weights=str(tiny_prompt_path),
                         mutual=True)  # fmt: skip
-    with pytest.raises(ExportUnavailableError, match=r"--model\.mutual false"):
+    with pytest.raises(ExportUnavailableError, match=r"--export_type openvino or onnx"):
         model.to_torch(tmp_path)
+    assert not list(tmp_path.rglob("*.pt"))

@@ -248,9 +248,10 @@ class PredictionCsvWriter(Callback):
         self._part.unlink(missing_ok=True)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        """Close the file, keeping the rows written so far."""
+        """Close the file, keeping the rows written so far (a file of no rows, e.g. a refused run, is removed)."""
         del trainer, pl_module, exception
-        self._close()
+        if self._close() and not self._rows:
+            self._part.unlink(missing_ok=True)
 
     def _close(self) -> bool:
         if self._file is None:

@@ -51,13 +51,13 @@ from anomalib_anomalyclip.config import (
 )
 from anomalib_anomalyclip.data.references import load_references, missing_references, reference_source
 from anomalib_anomalyclip.data.samples import has_pixel_mask
-from anomalib_anomalyclip.errors import MutualScoringExportError, PromptsUnavailableError, explain_setup_errors
+from anomalib_anomalyclip.errors import PromptsUnavailableError, explain_setup_errors
 from anomalib_anomalyclip.integration.callbacks import ConvertingImageVisualizer, model_callbacks
 from anomalib_anomalyclip.integration.checkpoints import CheckedCheckpointLoading, restore_model_state, save_model_state
 from anomalib_anomalyclip.integration.export import InferencePathExport
 from anomalib_anomalyclip.integration.feature_cache import FeatureCache
 from anomalib_anomalyclip.integration.metrics import anomalyclip_evaluator
-from anomalib_anomalyclip.integration.pool_scoring import PoolScores, PoolSettings, score_pools
+from anomalib_anomalyclip.integration.pool_scoring import PooledLoops
 from anomalib_anomalyclip.integration.post_processor import DEFAULT_NORMAL_QUANTILE, ProbabilityPostProcessor
 from anomalib_anomalyclip.integration.pre_processor import PreprocessingName, clip_pre_processor, follow_tiling
 from anomalib_anomalyclip.integration.prompt_plan import PromptPlan, PromptState, plan_prompts
@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["AnomalyCLIP", "ProbabilityPostProcessor", "PromptsUnavailableError"]
 
 
-class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule):
+class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, PooledLoops, AnomalibModule):
     """AnomalyCLIP: object-agnostic prompt learning for zero-shot anomaly detection.
 
     The capabilities are configured in groups (:mod:`anomalib_anomalyclip.config`): on the command line
@@ -164,7 +164,6 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         self.train_features: FeatureCache | None = None
         self.val_features: FeatureCache | None = None
         self.references: list[str] = []  # the few-shot reference images in the bank
-        self.pool_scores: PoolScores | None = None  # mutual scores of the loop's images, by path
         self._references_restored = False
         self._set_probability_scale()
         self.strict_loading = False  # the frozen CLIP is not stored in checkpoints
@@ -335,36 +334,22 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
         self._require_prompts()
         if self.model.k_shot:
             self.collect_references(required=True)
-        self.pool_scores = self._score_pools(dataloaders) if self.model.mutual else None
+        self.pool_scores = None
+        if self.model.mutual:
+            transform = self.pre_processor.transform if self.pre_processor is not None else None
+            self.score_loop_pools(self.model, transform, dataloaders, self.references)
 
     def on_predict_end(self) -> None:
         """Remove the state of mutual scoring's pools: ``predictions.csv`` and the overlays hold the results."""
-        self._discard_pool_state()
+        self.discard_pool_state()
 
     def on_validation_end(self) -> None:
         """Within ``fit``, remove the state of mutual scoring's pools: the next epoch's prompts differ."""
         if self.trainer.state.fn == TrainerFn.FITTING:
-            self._discard_pool_state()
-
-    def _discard_pool_state(self) -> None:
-        if self.pool_scores is None:
-            return
-        self.trainer.strategy.barrier()  # every process has looked up its images
-        if self.trainer.is_global_zero:
-            self.pool_scores.discard()
-        self.pool_scores = None
-
-    def _score_pools(self, dataloaders: Any) -> PoolScores:
-        """Mutual scoring of the loop's pools, streamed subset by subset (see :mod:`.pool_scoring`)."""
-        transform = self.pre_processor.transform if self.pre_processor is not None else None
-        progress = self._trainer is None or self._trainer.progress_bar_callback is not None
-        settings = PoolSettings(tuple(self.references), progress)
-        return score_pools(self.model, transform, self.device, dataloaders, settings)
+            self.discard_pool_state()
 
     def prepare_export(self) -> None:
-        """Refuse to export untrained prompts, an empty few-shot bank, or mutual scoring (it needs a pool)."""
-        if self.model.mutual:
-            raise MutualScoringExportError
+        """Refuse to export untrained prompts or an empty few-shot bank."""
         self._require_prompts()
         if self.model.k_shot and not self.model.has_references:
             if not self.config.few_shot.source:
@@ -422,7 +407,7 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, AnomalibModule)
     def _scored(self, batch: Batch) -> Batch:
         """The batch with its scores: looked up in the pools, or the torch model's (cached features within a fit)."""
         if self.pool_scores is not None:
-            return batch.update(**self.pool_scores.lookup(batch.image_path, self.device)._asdict())
+            return batch.update(**self.pooled(batch)._asdict())
         if self.val_features is not None and self.model.tiling is None and not self.model.has_references:
             features = self._visual_features(batch, self.val_features, record=False)
             scored = self.model.scores_from_features(*features, batch.image.shape[-2:])

@@ -32,13 +32,12 @@ receives another's tokens.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -61,9 +60,17 @@ from anomalib_anomalyclip.method.mutual import (
     value_range,
 )
 from anomalib_anomalyclip.method.pooled_model import EncodedBatch
-from anomalib_anomalyclip.method.torch_model import AnomalyCLIPModel
 
-__all__ = ["MutualPoolError", "PoolScores", "PoolSettings", "assign_subsets", "pool_keys", "score_pools"]
+__all__ = [
+    "MutualPoolError",
+    "PoolEncoder",
+    "PoolScores",
+    "PoolSettings",
+    "PooledLoops",
+    "assign_subsets",
+    "pool_keys",
+    "score_pools",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +79,25 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 class MutualPoolError(MutualScoringError):
     """A pool of images is too small for mutual scoring, or an image was not in the run's pools."""
+
+
+class PoolEncoder(Protocol):
+    """What mutual scoring of a run needs of a model: the eager torch model, or an exported graph's runner.
+
+    Attributes:
+        mutual: the mutual-scoring settings (``None``: the model does no mutual scoring).
+    """
+
+    mutual: MutualScoring | None
+
+    def encode_pool_member(self, images: torch.Tensor) -> EncodedBatch:
+        """The prompts' scores and maps and the mutual tokens of a batch (after the run's transform)."""
+
+    def token_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Patch grid (rows, columns) of the tokens of images whose maps have ``size``."""
+
+    def pool_fingerprint(self) -> dict[str, Any]:
+        """What the encoded outputs depend on besides the images (weights, prompts, settings), as plain values."""
 
 
 @dataclass(frozen=True)
@@ -147,8 +173,40 @@ class PoolScores:
         logger.info("Mutual scoring: removed the state of %d pool(s).", len(self.states))
 
 
+class PooledLoops:
+    """For an anomalib model that scores mutually: pools scored when a loop starts, looked up by its steps.
+
+    Mixed into :class:`~anomalib_anomalyclip.AnomalyCLIP` and
+    :class:`~anomalib_anomalyclip.integration.exported_model.ExportedAnomalyCLIP` (a ``LightningModule``).
+    """
+
+    pool_scores: PoolScores | None = None
+
+    def score_loop_pools(
+        self, encoder: PoolEncoder, transform: Transform | None, dataloaders: Any, references: Sequence[str] = ()
+    ) -> None:
+        """Score every image of the loop's ``dataloaders`` against its pool (:func:`score_pools`), on this device."""
+        trainer = self._trainer
+        progress = trainer is None or trainer.progress_bar_callback is not None
+        settings = PoolSettings(tuple(references), progress)
+        self.pool_scores = score_pools(encoder, transform, self.device, dataloaders, settings)
+
+    def pooled(self, batch: Any) -> InferenceBatch:
+        """The fused scores and maps of the batch's images, looked up by path."""
+        return self.pool_scores.lookup(batch.image_path, self.device)
+
+    def discard_pool_state(self) -> None:
+        """Remove the pools' state once every process has looked its images up (by the first process)."""
+        if self.pool_scores is None:
+            return
+        self.trainer.strategy.barrier()
+        if self.trainer.is_global_zero:
+            self.pool_scores.discard()
+        self.pool_scores = None
+
+
 def score_pools(
-    model: AnomalyCLIPModel,
+    model: PoolEncoder,
     transform: Transform | None,
     device: torch.device,
     dataloaders: Any,
@@ -157,7 +215,8 @@ def score_pools(
     """Score every image of ``dataloaders`` against its pool, one subset at a time (see the module's description).
 
     Args:
-        model: the torch model, mutual scoring switched on, prompts and few-shot references ready.
+        model: the torch model (mutual scoring switched on, prompts and few-shot references ready), or an exported
+            graph's runner (:class:`.exported_model.ExportedGraph`).
         transform: the pre-processor's transform (resize, CLIP normalisation), applied on ``device``; ``None``: none.
         device: where images are encoded and subsets scored.
         dataloaders: the loop's dataloader(s), as the trainer holds them (their datasets list the images).
@@ -228,7 +287,7 @@ def pool_keys(dataset: object, paths: Sequence[str]) -> list[str]:
     return ["" for _ in paths]
 
 
-def _config(model: AnomalyCLIPModel) -> MutualScoring:
+def _config(model: PoolEncoder) -> MutualScoring:
     if model.mutual is None:
         raise RuntimeError("This model does no mutual scoring; give it a configuration with use_mutual_scoring().")
     return model.mutual
@@ -272,7 +331,7 @@ def _plan(dataloaders: Any, config: MutualScoring, open_state: Callable[[list[_I
 
 
 def _score_subsets(
-    model: AnomalyCLIPModel,
+    model: PoolEncoder,
     transform: Transform | None,
     device: torch.device,
     work: list[tuple[_Pool, int]],
@@ -294,7 +353,7 @@ def _score_subsets(
 
 
 def _score_subset(
-    model: AnomalyCLIPModel,
+    model: PoolEncoder,
     transform: Transform | None,
     device: torch.device,
     images: list[_Image],
@@ -306,7 +365,7 @@ def _score_subset(
     tokens = [torch.cat(layer) for layer in zip(*(part.tokens for part in parts), strict=True)]
     prompt_maps = torch.cat([part.anomaly_map for part in parts]).float()
     size = (int(prompt_maps.shape[-2]), int(prompt_maps.shape[-1]))
-    patch_scores = mutual_patch_scores(tokens, model.visual_encoder.grid_size(size), _config(model))
+    patch_scores = mutual_patch_scores(tokens, model.token_grid(size), _config(model))
     del tokens
     mutual_maps = upsample_maps(patch_scores, size)
     summary = SubsetSummary(
@@ -356,7 +415,7 @@ def _checked(batches: DataLoader, paths: list[str]) -> Any:
         yield batch
 
 
-def _encode(model: AnomalyCLIPModel, transform: Transform | None, device: torch.device, batch: Any) -> EncodedBatch:
+def _encode(model: PoolEncoder, transform: Transform | None, device: torch.device, batch: Any) -> EncodedBatch:
     images = batch.image.to(device)
     if transform is not None:
         images = transform(images)
@@ -399,17 +458,10 @@ def _fused_map(entry: _Lookup) -> torch.Tensor:
     return fuse(prompt_map, mutual_map, entry.fusion, entry.map_ranges)
 
 
-def _scoring_description(
-    model: AnomalyCLIPModel, transform: Transform | None, settings: PoolSettings
-) -> dict[str, Any]:
+def _scoring_description(model: PoolEncoder, transform: Transform | None, settings: PoolSettings) -> dict[str, Any]:
     """What the scores depend on besides the images (the key of the pools' state, see :mod:`.pool_state`)."""
-    text_features = model.inference_text_features().detach().float().cpu().contiguous()
-    patch_embedding = next(model.visual_encoder.parameters()).detach().float().cpu().contiguous()
     return {
-        "prompts": hashlib.sha256(text_features.numpy().tobytes()).hexdigest(),
-        "clip": hashlib.sha256(patch_embedding.numpy().tobytes()).hexdigest(),
-        "model": model.describe(),
-        "smoothing": repr(model.smoothing),
+        **model.pool_fingerprint(),
         "references": file_stamps(settings.references),
         "mutual": asdict(_config(model)),
         "transform": repr(transform),

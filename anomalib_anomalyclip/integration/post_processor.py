@@ -185,3 +185,41 @@ class ProbabilityPostProcessor(PostProcessor):
         below = 0.5 * (preds - norm_min) / (threshold - norm_min)
         above = 0.5 + 0.5 * (preds - threshold) / (norm_max - threshold)
         return torch.where(preds < threshold, below, above).clamp(0, 1)
+
+
+_STATE_BUFFERS = ("_image_threshold", "_pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
+_STATE_SETTINGS = (
+    "enable_normalization",
+    "enable_thresholding",
+    "enable_threshold_matching",
+    "image_sensitivity",
+    "pixel_sensitivity",
+)
+_KINDS = {"probability": ProbabilityPostProcessor, "anomalib": PostProcessor}
+
+
+def post_processor_state(post_processor: PostProcessor) -> dict[str, Any]:
+    """The thresholds, value ranges and settings of ``post_processor`` as plain values (e.g. an export's metadata).
+
+    Raises:
+        TypeError: ``post_processor`` is neither this package's nor anomalib's own (its rule cannot be rebuilt).
+    """
+    kind = next((name for name, kind in _KINDS.items() if type(post_processor) is kind), None)
+    if kind is None:
+        raise TypeError(
+            f"{type(post_processor).__name__} cannot be carried into an export of mutual scoring, which applies the "
+            "post-processor after the pool is scored: use the default post-processor."
+        )
+    state: dict[str, Any] = {"kind": kind}
+    state.update({name: float(getattr(post_processor, name)) for name in _STATE_BUFFERS})
+    state.update({name: getattr(post_processor, name) for name in _STATE_SETTINGS})
+    return state
+
+
+def post_processor_from_state(state: dict[str, Any]) -> PostProcessor:
+    """The post-processor that :func:`post_processor_state` described, with the same thresholds and ranges."""
+    post_processor = _KINDS[state["kind"]](**{name: state[name] for name in _STATE_SETTINGS})
+    with torch.no_grad():
+        for name in _STATE_BUFFERS:
+            getattr(post_processor, name).fill_(float(state[name]))
+    return post_processor

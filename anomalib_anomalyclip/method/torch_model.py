@@ -42,7 +42,7 @@ from anomalib_anomalyclip.method.few_shot import (
 )
 from anomalib_anomalyclip.method.inference_model import AnomalyCLIPInferenceModel, score_batch, score_features
 from anomalib_anomalyclip.method.mutual import MutualScoring
-from anomalib_anomalyclip.method.pooled_model import PooledModel
+from anomalib_anomalyclip.method.pooled_model import PooledModel, PoolMemberInferenceModel
 from anomalib_anomalyclip.method.prompts import (
     AGNOSTIC_OBJECT,
     PromptConfig,
@@ -350,17 +350,20 @@ class AnomalyCLIPModel(PooledModel, TiledModel, nn.Module):
 
     def inference_model(
         self, fixed_size: Sequence[int] | None = None, traced: bool = False
-    ) -> AnomalyCLIPInferenceModel:
+    ) -> AnomalyCLIPInferenceModel | PoolMemberInferenceModel:
         """The inference path alone: visual encoder, current text features as constants, smoothing.
 
         Shares the visual encoder and smoothing with this model; holds no prompts and no
-        text encoder. This is what gets exported.
+        text encoder. This is what gets exported. With mutual scoring, the encoding of each pool member
+        (:meth:`pool_inference_model`): the pool is scored outside.
 
         Args:
             fixed_size: the (height, width) a traced graph takes, if fixed.
             traced: the model is for a traced graph, where tiling needs a fixed working size
                 (:func:`.tiled_model.check_tiled_export`).
         """
+        if self.mutual is not None:
+            return self.pool_inference_model()
         text_features = self.inference_text_features()
         tiling = check_tiled_export(self.tiling, fixed_size) if traced else self.tiling
         return AnomalyCLIPInferenceModel(self.visual_encoder, text_features, self.smoothing, self.few_shot, tiling)
