@@ -27,7 +27,7 @@ import torch
 
 from .process_memory import peak_resident_mb, reset_peak, resident_mb
 
-__all__ = ["MutualCost", "measure_pool", "print_table", "report"]
+__all__ = ["MutualCost", "extrapolate", "measure_pool", "print_table", "report"]
 
 MODEL_SEED = 0
 
@@ -78,7 +78,7 @@ def measure_pool(backbone: str, image_size: int, pool: int, encoded: int = 2, bl
         member = model.encode_pool_member(image)
     encoder_seconds = (time.perf_counter() - start) / encoded
     members = [_random_like(member, EncodedBatch) for _ in range(pool)]
-    tokens_mb = sum(tokens.numel() * tokens.element_size() for one in members for tokens in one.tokens) / 2**20
+    tokens_mb = sum(one.pool_tokens.numel() * one.pool_tokens.element_size() for one in members) / 2**20
     before = resident_mb() if reset_peak() else float("nan")
     start = time.perf_counter()
     model.score_pool(members)
@@ -92,7 +92,7 @@ def _random_like(member: object, kind: type) -> object:
     return kind(
         torch.rand_like(member.pred_score),
         torch.rand_like(member.anomaly_map),
-        [torch.randn_like(tokens, dtype=torch.float32).half() for tokens in member.tokens],
+        torch.randn_like(member.pool_tokens, dtype=torch.float32).half(),
         torch.randn_like(member.class_embedding),
     )
 
@@ -123,6 +123,30 @@ def print_table(costs: Sequence[MutualCost], backbone: str, image_size: int) -> 
             f"| {cost.pool} | {cost.encoder_seconds:.2f} | {cost.mutual_seconds:.2f} | {cost.ratio:.2f}x | "
             f"{cost.tokens_mb:.0f} | {cost.peak_mb:.0f} | {cost.scoring_added_mb:.0f} |"
         )
+
+
+def extrapolate(cost: MutualCost, counts: Sequence[int]) -> list[dict[str, float]]:
+    """Print (and return) what runs of ``counts`` images cost when each pool is cut into subsets of ``cost.pool``.
+
+    A run encodes each image once and scores its subsets; an image of a subset of ``n`` is compared with ``n - 1``
+    others, so its mutual-scoring time is the measured one scaled by ``(n - 1) / (cost.pool - 1)``. Memory depends on
+    the subset, not on the run: the measured process peak holds for every ``N``.
+    """
+    from anomalib_anomalyclip.method.mutual import MutualScoring, split_pool
+
+    minimum = MutualScoring().min_pool
+    rows = []
+    print(f"\nExtrapolated from one subset of {cost.pool} (ViT-L/14@336, 518 px, {torch.get_num_threads()} threads):")
+    print("| images | subsets | s/image | total hours | process peak GiB |")
+    print("|---:|---:|---:|---:|---:|")
+    for count in counts:
+        subsets = split_pool(count, cost.pool, 0, minimum)
+        mutual = sum(len(subset) * (len(subset) - 1) for subset in subsets) / (cost.pool - 1) * cost.mutual_seconds
+        seconds = count * cost.encoder_seconds + mutual
+        rows.append({"images": count, "subsets": len(subsets), "seconds": seconds, "peak_mb": cost.peak_mb})
+        hours, peak_gib = seconds / 3600, cost.peak_mb / 1024
+        print(f"| {count:,} | {len(subsets)} | {seconds / count:.1f} | {hours:.1f} | {peak_gib:.1f} |")
+    return rows
 
 
 def _line(cost: MutualCost) -> str:

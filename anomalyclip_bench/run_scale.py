@@ -4,6 +4,10 @@ Each run is a child process (``python -m anomalyclip_bench.run_scale --child ...
 line in-process and reports its own peak resident memory (:func:`.process_memory.peak_resident_mb`) and wall time,
 so that runs of different N do not share an allocator. The tiny random CLIP (same layout as ViT-L/14@336, 64
 channels) stands in for the real one: the figures show how memory and time grow with N, not the real model's cost.
+
+Runners: ``eager`` (``--model AnomalyCLIP``) and ``openvino`` (the model exported once with ``anomalib export``, then
+``--model ExportedAnomalyCLIP``). The real model's cost is extrapolated from one subset of ViT-L/14@336
+(:mod:`.mutual_cost`, ``--extrapolate-pool``): a run costs an encoder pass per image plus the scoring of its subsets.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,13 +31,17 @@ __all__ = [
     "LoopPeak",
     "RunCost",
     "added_mb_per_image",
+    "export_openvino",
     "held_mb_per_image",
     "measure_predict",
+    "model_arguments",
+    "plot_run_scale",
     "prepare_folder",
     "prepare_models",
 ]
 
 BLOCKS = 4  # mutual_blocks: 6, 12, 18, 24
+RUNNERS = ("eager", "openvino")
 HALF_BYTES = 2
 EXACT_PEAK_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}
 
@@ -48,6 +57,7 @@ class RunCost:
         loop_peak_mb: peak resident memory during the predict loop above the resident memory when it started
             (Linux; the start-up's imports and model loading left out, so it shows what the run's images cost).
         rows: rows of ``predictions.csv``.
+        runner: ``eager`` or ``openvino``.
     """
 
     images: int
@@ -55,6 +65,7 @@ class RunCost:
     peak_mb: float
     loop_peak_mb: float
     rows: int
+    runner: str = "eager"
 
     @property
     def seconds_per_image(self) -> float:
@@ -100,6 +111,30 @@ def prepare_folder(root: Path, count: int, image_size: int) -> Path:
     return folder
 
 
+def model_arguments(
+    clip: Path, prompts: Path, image_size: int, pool_size: int | None, exported: Path | None = None
+) -> list[str]:
+    """``--model`` arguments of a run: the eager model, or ``exported`` (an ``.xml``) with the same pool size."""
+    if exported is not None:
+        arguments = ["--model", "ExportedAnomalyCLIP", "--model.path", str(exported)]
+        return arguments + (["--model.pool_size", str(pool_size)] if pool_size is not None else [])
+    arguments = [
+        "--model", "AnomalyCLIP", "--model.pretrained", str(clip), "--model.image_size", str(image_size),
+        "--model.prompt_weights", str(prompts),
+    ]  # fmt: skip
+    if pool_size is not None:
+        arguments += ["--model.mutual", "true", "--model.mutual.pool_size", str(pool_size)]
+    return arguments
+
+
+def export_openvino(clip: Path, prompts: Path, image_size: int, pool_size: int | None, work_dir: Path) -> Path:
+    """``anomalib export`` of the run's model to OpenVINO (f32), in a child process; the ``.xml`` written."""
+    arguments = ["export", *model_arguments(clip, prompts, image_size, pool_size)]
+    arguments += ["--export_type", "openvino", "--default_root_dir", str(work_dir)]
+    _run_child(arguments, timeout=3600)
+    return work_dir / "weights" / "openvino" / "model.xml"
+
+
 def measure_predict(
     folder: Path,
     clip: Path,
@@ -109,20 +144,32 @@ def measure_predict(
     pool_size: int | None,
     exact_peak: bool = False,
     timeout: float = 3600,
+    exported: Path | None = None,
 ) -> RunCost:
     """``anomalib predict`` over ``folder`` in a child process (mutual scoring unless ``pool_size`` is None).
+
+    ``exported``: run this OpenVINO export (:func:`export_openvino`) instead of the eager model.
 
     ``exact_peak``: glibc gives every allocation above 64 KiB its own mapping, returned to the system when freed,
     and uses one arena, so that the resident memory follows the live tensors (without it, the allocator's reuse
     of freed blocks moves the peak by about 15 MiB from run to run at 518 px).
     """
+    shutil.rmtree(work_dir, ignore_errors=True)  # the run's results only
     arguments = [
-        "predict", "--model", "AnomalyCLIP", "--model.pretrained", str(clip), "--model.image_size", str(image_size),
-        "--model.prompt_weights", str(prompts), "--data", str(folder), "--default_root_dir", str(work_dir),
-        "--trainer.enable_progress_bar", "false", "--trainer.callbacks", f"{__name__}.LoopPeak",
+        "predict", *model_arguments(clip, prompts, image_size, pool_size, exported), "--data", str(folder),
+        "--default_root_dir", str(work_dir), "--trainer.enable_progress_bar", "false",
+        "--trainer.callbacks", f"{__name__}.LoopPeak",
     ]  # fmt: skip
-    if pool_size is not None:
-        arguments += ["--model.mutual", "true", "--model.mutual.pool_size", str(pool_size)]
+    report = _run_child(arguments, timeout, exact_peak)
+    (table,) = Path(work_dir).rglob("predictions.csv")
+    rows = len(table.read_text().splitlines()) - 1
+    images = len(list(folder.glob("*.png")))
+    runner = "eager" if exported is None else "openvino"
+    return RunCost(images, report["seconds"], report["peak_mb"], report["loop_peak_mb"], rows, runner)
+
+
+def _run_child(arguments: list[str], timeout: float, exact_peak: bool = False) -> dict[str, float]:
+    """Run anomalib's command line with ``arguments`` in a child process; its wall time and peak memory."""
     command = [sys.executable, "-m", "anomalyclip_bench.run_scale", "--child", json.dumps(arguments)]
     search_path = os.pathsep.join(
         filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
@@ -132,12 +179,8 @@ def measure_predict(
         environment.update(EXACT_PEAK_ALLOCATOR)
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"anomalib predict failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    (table,) = Path(work_dir).rglob("predictions.csv")
-    rows = len(table.read_text().splitlines()) - 1
-    images = len(list(folder.glob("*.png")))
-    return RunCost(images, report["seconds"], report["peak_mb"], report["loop_peak_mb"], rows)
+        raise RuntimeError(f"anomalib {arguments[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 class LoopPeak(Callback):
@@ -170,43 +213,110 @@ def _child(arguments: list[str]) -> None:
     start = time.perf_counter()
     AnomalibCLI(arguments)
     seconds = time.perf_counter() - start
-    loop_peak = sys.modules[LoopPeak.__module__.replace("__main__", "anomalyclip_bench.run_scale")].LoopPeak  # as built
-    print(json.dumps({"seconds": seconds, "peak_mb": peak_resident_mb(), "loop_peak_mb": loop_peak.measured_mb}))
+    built = sys.modules.get("anomalyclip_bench.run_scale")  # the module anomalib built the callback from, if any
+    loop_peak = built.LoopPeak.measured_mb if built is not None else float("nan")
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_resident_mb(), "loop_peak_mb": loop_peak}))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Print peak memory, seconds per image and total time of ``anomalib predict`` for each folder size."""
+    """Print peak memory, seconds per image and total time of ``anomalib predict`` for each folder size and runner."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, nargs="+", default=[30, 280])
     parser.add_argument("--image-size", type=int, default=518)
     parser.add_argument("--pool-size", type=int, default=10, help="mutual_pool_size; 0: no mutual scoring")
+    parser.add_argument("--runners", nargs="+", choices=RUNNERS, default=["eager"])
     parser.add_argument("--work-dir", type=Path, default=Path("run_scale_work"))
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--chart", type=Path, help="also draw loop peak and seconds per image against N (PNG)")
     parser.add_argument(
         "--exact-peak", action="store_true", help="allocator settings that make the peak follow the live tensors"
+    )
+    parser.add_argument(
+        "--extrapolate-pool", type=int, help="measure one subset of this size with ViT-L/14@336 and extrapolate to N"
+    )
+    parser.add_argument(
+        "--from-json", type=Path, nargs="+", help="print and draw the runs of earlier --json files instead of running"
     )
     args = parser.parse_args(argv)
     if args.child:
         _child(json.loads(args.child))
         return
-    clip, prompts = prepare_models(args.work_dir)
     pool_size = args.pool_size or None
-    costs = []
-    for count in args.images:
-        folder = prepare_folder(args.work_dir, count, args.image_size)
-        work_dir = args.work_dir / f"run_{count}"
-        costs.append(measure_predict(folder, clip, prompts, work_dir, args.image_size, pool_size, args.exact_peak))
-    held = held_mb_per_image(args.image_size)
-    print(f"tiny CLIP at {args.image_size} px, mutual_pool_size={pool_size}; in-memory path held {held:.2f} MiB/image")
-    print(f"{'images':>7} {'rows':>6} {'peak MiB':>9} {'loop peak MiB':>14} {'MiB/added image':>16} {'s/image':>8} "
-          f"{'total s':>8}")  # fmt: skip
-    for cost in costs:
-        per_added = f"{added_mb_per_image(costs[0], cost):.3f}" if cost is not costs[0] else "-"
-        print(f"{cost.images:>7} {cost.rows:>6} {cost.peak_mb:>9.1f} {cost.loop_peak_mb:>14.1f} {per_added:>16} "
-              f"{cost.seconds_per_image:>8.3f} {cost.seconds:>8.1f}")  # fmt: skip
-    if args.json:
+    if args.from_json:
+        costs = [RunCost(**run) for path in args.from_json for run in json.loads(path.read_text())]
+    else:
+        costs = _run_all(args.runners, args.images, args.image_size, pool_size, args.work_dir, args.exact_peak)
+    print_table(costs, args.image_size, pool_size)
+    if args.json and not args.from_json:
         args.json.write_text(json.dumps([asdict(cost) for cost in costs], indent=1))
+    if args.chart:
+        print(f"chart: {plot_run_scale(costs, args.chart, args.image_size, pool_size)}")
+    if args.extrapolate_pool:
+        from .mutual_cost import extrapolate, report
+
+        (subset,) = report([args.extrapolate_pool], "ViT-L-14-336", 518)
+        extrapolate(subset, args.images)
+
+
+def _run_all(
+    runners: Sequence[str], counts: Sequence[int], image_size: int, pool_size: int | None, root: Path, exact: bool
+) -> list[RunCost]:
+    """One ``anomalib predict`` per runner and folder size (the OpenVINO runner exports the model first)."""
+    clip, prompts = prepare_models(root)
+    costs = []
+    for runner in runners:
+        exported = None
+        if runner == "openvino":
+            exported = export_openvino(clip, prompts, image_size, pool_size, root / "export_openvino")
+        for count in counts:
+            folder = prepare_folder(root, count, image_size)
+            work_dir = root / f"run_{runner}_{count}"
+            cost = measure_predict(folder, clip, prompts, work_dir, image_size, pool_size, exact, exported=exported)
+            costs.append(cost)
+            print(f"{runner} {count} images: {cost.seconds:.0f} s, loop peak {cost.loop_peak_mb:.1f} MiB", flush=True)
+    return costs
+
+
+def print_table(costs: Sequence[RunCost], image_size: int, pool_size: int | None) -> None:
+    """The Markdown table of the runs: memory growth per added image is against each runner's first run."""
+    held = held_mb_per_image(image_size)
+    print(f"\ntiny CLIP at {image_size} px, mutual_pool_size={pool_size}; in-memory path held {held:.2f} MiB/image")
+    print("| runner | images | rows | peak MiB | loop peak MiB | MiB per added image | s/image | total s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for cost in costs:
+        first = next(run for run in costs if run.runner == cost.runner)
+        per_added = f"{added_mb_per_image(first, cost):.3f}" if cost is not first else "-"
+        print(f"| {cost.runner} | {cost.images:,} | {cost.rows:,} | {cost.peak_mb:.1f} | {cost.loop_peak_mb:.1f} | "
+              f"{per_added} | {cost.seconds_per_image:.3f} | {cost.seconds:.0f} |")  # fmt: skip
+
+
+def plot_run_scale(costs: Sequence[RunCost], path: Path, image_size: int, pool_size: int | None) -> Path:
+    """Two panels against the number of images (log scale): the loop's peak memory and seconds per image."""
+    from matplotlib.figure import Figure  # imported here: matplotlib is only needed for the chart
+
+    figure = Figure(figsize=(9, 3.6), layout="constrained")
+    memory, speed = figure.subplots(1, 2)
+    for runner in dict.fromkeys(cost.runner for cost in costs):
+        runs = [cost for cost in costs if cost.runner == runner]
+        images = [cost.images for cost in runs]
+        memory.plot(images, [cost.loop_peak_mb for cost in runs], marker="o", label=runner)
+        speed.plot(images, [cost.seconds_per_image for cost in runs], marker="o", label=runner)
+    for axis, label in ((memory, "predict loop's peak above its start (MiB)"), (speed, "seconds per image")):
+        axis.set_xscale("log")
+        axis.set_xticks(
+            sorted({cost.images for cost in costs}), labels=[f"{n:,}" for n in sorted({c.images for c in costs})]
+        )
+        axis.minorticks_off()
+        axis.set_xlabel("images in the folder")
+        axis.set_ylabel(label)
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    pool = f"mutual.pool_size {pool_size}" if pool_size else "no mutual scoring"
+    figure.suptitle(f"anomalib predict, tiny CLIP at {image_size} px, {pool}")
+    figure.savefig(path, dpi=110)
+    return path
 
 
 if __name__ == "__main__":

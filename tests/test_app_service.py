@@ -126,9 +126,12 @@ def test_an_exported_model_scores_the_batch_like_the_model(
     assert not result.error
     assert {image.name: pytest.approx(image.score, abs=1e-4) for image in result.images} == by_model
 
-    refused = exported.score(BatchRequest(images, mutual=True))
+    refused = exported.score(BatchRequest(images, references=images[:2]))
     assert refused.images == []
     assert "An exported model is fixed when it is exported" in refused.error
+    not_mutual = exported.score(BatchRequest(images, mutual=True))
+    assert not_mutual.images == []
+    assert "has no outputs for mutual scoring" in not_mutual.error
 
 
 @pytest.mark.slow

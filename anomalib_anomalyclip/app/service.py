@@ -70,7 +70,7 @@ class ModelArguments:
 
     @property
     def exported(self) -> bool:
-        """Whether the model is an exported file (fixed: no few-shot, mutual or tiling switches)."""
+        """Whether the model is an exported file (fixed: no few-shot or tiling switches; mutual only if exported so)."""
         return self.model_name == EXPORTED_MODEL
 
     def predict_words(self) -> list[str]:
@@ -212,16 +212,16 @@ class BatchScorer:
         if few_shot:
             switches += ["--model.k_shot", str(len(list((run / "references").iterdir())))]
             switches += ["--model.few_shot.source", str(run / "references")]
-        if request.mutual:
-            switches += ["--model.mutual.enabled", "true"]
         if request.tiling:
             switches += ["--model.tiling.enabled", "true"]  # tiles of the model's input size
         if switches and self.arguments.exported:
             raise AppSetupError(
-                "An exported model is fixed when it is exported: few-shot references, mutual scoring and tiling "
-                "cannot be switched on the page. Start the app with the model's arguments (--model.prompt_weights, "
-                "--ckpt_path) to use them."
+                "An exported model is fixed when it is exported: few-shot references and tiling cannot be switched "
+                "on the page. Start the app with the model's arguments (--model.prompt_weights, --ckpt_path) to use "
+                "them, or export a few-shot or tiled model."
             )
+        if request.mutual:  # an export scores mutually when it was exported so (ExportedAnomalyCLIP checks)
+            switches += ["--model.mutual", "true"] if self.arguments.exported else ["--model.mutual.enabled", "true"]
         data = ["--data", PREDICT_FOLDER, "--data.path", str(run / "images")]
         return [*self.arguments.predict_words(), *switches, *data, "--default_root_dir", str(run / "results")]
 
