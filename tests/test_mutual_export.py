@@ -196,3 +196,25 @@ def test_a_folder_below_the_minimum_pool_stops_before_any_image_is_encoded(
         Engine(default_root_dir=str(tmp_path), logger=False).predict(model, data_path=str(small))
     assert encoded == []
     assert not list(tmp_path.rglob("predictions.csv"))
+
+
+def test_anomalib_test_of_an_export_gives_the_eager_models_auroc(
+    exported: dict[str, Path], shots: str, data: Path, tiny_clip_path: Path, tiny_prompt_path: Path, tmp_path: Path
+) -> None:
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+
+    def test(model: object, name: str) -> dict[str, float]:
+        datamodule = MVTecAD(root=data, category="alpha", eval_batch_size=4, num_workers=0)
+        (metrics,) = Engine(default_root_dir=str(tmp_path / name), logger=False).test(model, datamodule=datamodule)
+        return metrics
+
+    few_shot = {"source": str(data / "alpha" / "train" / "good")} if SHOTS[shots] else {}
+    eager_model = AnomalyCLIP(
+        pretrained=str(tiny_clip_path), image_size=56, prompt_weights=str(tiny_prompt_path), k_shot=SHOTS[shots],
+        few_shot=few_shot, mutual={"enabled": True, "pool_size": 5},
+    )  # fmt: skip
+    eager = test(eager_model, "eager")
+    by_export = test(ExportedAnomalyCLIP(str(exported["openvino"])), "openvino")
+    for metric in ("image_AUROC", "pixel_AUROC"):
+        assert by_export[metric] == pytest.approx(eager[metric], abs=TOLERANCE), metric
