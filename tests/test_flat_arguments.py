@@ -107,6 +107,13 @@ def test_the_short_switches_stand_for_enabled() -> None:
     assert notes == []
 
 
-def test_other_models_command_lines_are_left_alone() -> None:
-    args = ["fit", "--model", "Padim", "--model.n_features", "100"]
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["fit", "--model", "Padim", "--model.n_features", "100"],
+        # ExportedAnomalyCLIP's own --model.mutual is a plain switch, not AnomalyCLIP's group
+        ["predict", "--model", "ExportedAnomalyCLIP", "--model.path", "model.xml", "--model.mutual", "true"],
+    ],
+)
+def test_other_models_command_lines_are_left_alone(args: list[str]) -> None:
     assert upgrade_command_line(args) == (args, [])

@@ -39,7 +39,7 @@ def upgrade_command_line(args: Sequence[str]) -> tuple[list[str], list[str]]:
     """
     notes: list[str] = []
     args = _upgrade_config_files(list(args), notes)
-    if not any(MODEL_NAME in argument for argument in args) and not notes:
+    if not any(_names_the_model(argument) for argument in args) and not notes:
         return args, notes
     flat = {name: value for name, value in _model_options(args) if _is_flat(name, value)}
     notes.extend(flat_argument_notes({name: _is_bool_text(value) or value for name, value in flat.items()}, PREFIX))
@@ -55,6 +55,11 @@ def upgrade_command_line(args: Sequence[str]) -> tuple[list[str], list[str]]:
             rewritten.extend(args[index : index + width])
         index += width
     return rewritten, notes
+
+
+def _names_the_model(argument: str) -> bool:
+    """Whether ``argument`` names AnomalyCLIP (``AnomalyCLIP``, a class path, ``--model=...``; not other models)."""
+    return argument.rsplit("=", 1)[-1].rsplit(".", 1)[-1] == MODEL_NAME
 
 
 def _model_options(args: Sequence[str]) -> list[tuple[str, str]]:
