@@ -85,6 +85,9 @@ def test_test_prints_image_and_pixel_metrics_and_encodes_each_image_once(
 ) -> None:
     from anomalib.cli import AnomalibCLI
 
+    from anomalib_anomalyclip.cache import cache_root
+
+    states_before = set((cache_root() / "mutual").glob("*"))
     with counting_encoder() as encoded:
         AnomalibCLI(
             ["test", *_model_args(tiny_clip_path, tiny_prompt_path), *MUTUAL, "--data", "MVTecAD", "--data.root",
@@ -94,6 +97,7 @@ def test_test_prints_image_and_pixel_metrics_and_encodes_each_image_once(
     assert "image_AUROC" in printed and "pixel_AUROC" in printed
     # anomalib validates on the test images before testing: the second loop reuses the first one's scores.
     assert sum(encoded) == len(_test_images(data, "alpha")) == 9
+    assert set((cache_root() / "mutual").glob("*")) <= states_before  # the finished test left no state behind
 
 
 @pytest.fixture(scope="module")

@@ -254,6 +254,10 @@ class ExportedAnomalyCLIP(PooledLoops, AnomalibModule):
         """Remove the state of mutual scoring's pools: ``predictions.csv`` and the overlays hold the results."""
         self.discard_pool_state()
 
+    def on_test_end(self) -> None:
+        """Remove the state of mutual scoring's pools: the metrics are computed."""
+        self.discard_pool_state()
+
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score the batch (nothing is collected: thresholds and normalisation are fixed in the graph)."""
         del args, kwargs

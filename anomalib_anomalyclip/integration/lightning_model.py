@@ -343,6 +343,10 @@ class AnomalyCLIP(CheckedCheckpointLoading, InferencePathExport, PooledLoops, An
         """Remove the state of mutual scoring's pools: ``predictions.csv`` and the overlays hold the results."""
         self.discard_pool_state()
 
+    def on_test_end(self) -> None:
+        """Remove the state of mutual scoring's pools (kept from validation to test): the metrics are computed."""
+        self.discard_pool_state()
+
     def on_validation_end(self) -> None:
         """Within ``fit``, remove the state of mutual scoring's pools: the next epoch's prompts differ."""
         if self.trainer.state.fn == TrainerFn.FITTING:
