@@ -225,7 +225,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--images", type=int, nargs="+", default=[30, 280])
     parser.add_argument("--image-size", type=int, default=518)
     parser.add_argument("--pool-size", type=int, default=10, help="mutual_pool_size; 0: no mutual scoring")
-    parser.add_argument("--runners", nargs="+", choices=RUNNERS, default=["eager"])
+    parser.add_argument(
+        "--runners", nargs="*", choices=RUNNERS, default=["eager"], help="none: only the extrapolation, if asked for"
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("run_scale_work"))
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--chart", type=Path, help="also draw loop peak and seconds per image against N (PNG)")
@@ -247,10 +249,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         costs = [RunCost(**run) for path in args.from_json for run in json.loads(path.read_text())]
     else:
         costs = _run_all(args.runners, args.images, args.image_size, pool_size, args.work_dir, args.exact_peak)
-    print_table(costs, args.image_size, pool_size)
+    if costs:
+        print_table(costs, args.image_size, pool_size)
     if args.json and not args.from_json:
         args.json.write_text(json.dumps([asdict(cost) for cost in costs], indent=1))
-    if args.chart:
+    if args.chart and costs:
         print(f"chart: {plot_run_scale(costs, args.chart, args.image_size, pool_size)}")
     if args.extrapolate_pool:
         from .mutual_cost import extrapolate, report

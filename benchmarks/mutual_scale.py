@@ -9,6 +9,8 @@ Usage::
     python benchmarks/mutual_scale.py                                   # 30 and 280 images at 518 px, pool 10
     python benchmarks/mutual_scale.py --images 50 200 1000 --pool-size 200
     python benchmarks/mutual_scale.py --images 50 1000 --pool-size 0    # zero-shot, no mutual scoring
+    python benchmarks/mutual_scale.py --images 50 1000 --runners eager openvino --chart run_scale.png
+    python benchmarks/mutual_scale.py --runners --extrapolate-pool 32 --images 50 1000 10000  # ViT-L/14@336 only
 """
 
 from __future__ import annotations
