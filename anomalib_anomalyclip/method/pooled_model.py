@@ -62,7 +62,7 @@ def encode_pool_member(
         visual_encoder: the dual-path visual encoder.
         smoothing: the Gaussian smoothing of the prompts' maps.
         text_features: (1, 2, D) normalised text features of the prompts.
-        few_shot: a filled few-shot bank, or ``None`` (zero-shot prompts).
+        few_shot: the few-shot bank (zero-shot prompts while it is empty), or ``None``.
         blocks: the visual blocks (1-indexed) whose residual-stream tokens mutual scoring compares.
         images: the batch.
     """
@@ -105,7 +105,7 @@ class PoolMemberInferenceModel(nn.Module):
         super().__init__()
         self.visual_encoder = visual_encoder
         self.smoothing = smoothing
-        self.few_shot = few_shot if few_shot is not None and few_shot.active else None
+        self.few_shot = few_shot
         self.mutual = mutual
         self.register_buffer("text_features", text_features.detach().clone())
 
@@ -141,19 +141,17 @@ class PooledModel:
     def encode_pool_member(self, images: torch.Tensor) -> EncodedBatch:
         """One encoder pass over CLIP-normalised ``images`` (B, 3, H, W): the prompts' outputs and mutual tokens."""
         config = self._mutual_config()
-        few_shot = self.few_shot if self.has_references else None
         with torch.no_grad():
             text_features = self.inference_text_features()
             return encode_pool_member(
-                self.visual_encoder, self.smoothing, text_features, few_shot, config.blocks, images
+                self.visual_encoder, self.smoothing, text_features, self.few_shot, config.blocks, images
             )
 
     def pool_inference_model(self) -> PoolMemberInferenceModel:
         """:meth:`encode_pool_member` alone, with the current prompts as constants (what is exported)."""
-        few_shot = self.few_shot if self.has_references else None
         text_features = self.inference_text_features()
         return PoolMemberInferenceModel(
-            self.visual_encoder, text_features, self.smoothing, few_shot, self._mutual_config()
+            self.visual_encoder, text_features, self.smoothing, self.few_shot, self._mutual_config()
         )
 
     def pool_fingerprint(self) -> dict[str, Any]:
